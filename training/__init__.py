@@ -1,0 +1,1 @@
+"""Transfer-learning library: frozen VGG19 features (cached), softmax head, fine-tune, model store."""

@@ -1,0 +1,161 @@
+"""The frozen VGG19 backbone: building it, loading its weights, naming it.
+
+A backbone is identified by a string (`Backbone.id`) that changes whenever its
+features would: weights, feature layer, image size, preprocessing. The feature
+cache and saved models record that id, so features from one backbone are never
+mixed with another's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from training.errors import WeightsError
+from training.images import PREPROCESSING_VERSION, check_image_size
+
+FEATURE_LAYERS = ("avg", "fc2")
+WEIGHTS_FILES = {
+    # include_top -> the file Keras downloads into KERAS_HOME/models.
+    False: "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    True: "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+}
+RANDOM_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone is: weights source, feature layer and input size."""
+
+    weights: str = "imagenet"
+    feature_layer: str = "avg"
+    image_size: int = 224
+
+    def __post_init__(self) -> None:
+        if self.feature_layer not in FEATURE_LAYERS:
+            raise ValueError(f"feature_layer must be one of {FEATURE_LAYERS}, received: {self.feature_layer!r}")
+        check_image_size(self.image_size)
+        if self.feature_layer == "fc2" and self.image_size != 224:
+            raise ValueError(f"feature_layer 'fc2' needs image_size 224, received: {self.image_size}")
+
+    @property
+    def include_top(self) -> bool:
+        """Whether the fully connected top layers are part of the backbone."""
+        return self.feature_layer == "fc2"
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of one image's feature vector."""
+        return 4096 if self.feature_layer == "fc2" else 512
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A built feature extractor: a Keras model from preprocessed images to features."""
+
+    spec: BackboneSpec
+    model: object  # keras.Model
+    weights_id: str
+
+    @property
+    def id(self) -> str:
+        """A string naming everything that determines this backbone's features."""
+        return backbone_id(self.spec, self.weights_id)
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Compute float32 features for a batch of preprocessed images."""
+        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+
+
+def backbone_id(spec: BackboneSpec, weights_id: str) -> str:
+    """Name a backbone by weights, layer, size and preprocessing version."""
+    return f"vgg19-{weights_id}-{spec.feature_layer}-{spec.image_size}px-p{PREPROCESSING_VERSION}"
+
+
+def weights_id(weights: str) -> str:
+    """Identify a weights source without loading it (a file is named by its content hash)."""
+    if weights in ("imagenet", "none"):
+        return "imagenet" if weights == "imagenet" else f"random{RANDOM_SEED}"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"BACKBONE_WEIGHTS file not found: {path}")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"file{digest.hexdigest()[:12]}"
+
+
+def _seeded_random_init(model) -> None:
+    """Give a weights=None model the same He-uniform weights in every process.
+
+    Keras' own random init differs per process; the service and the trainer must
+    compute identical features, so the random weights come from a fixed seed.
+    """
+    rng = np.random.default_rng(RANDOM_SEED)
+    values = []
+    for weight in model.weights:
+        shape = tuple(weight.shape)
+        if len(shape) == 1:
+            values.append(np.zeros(shape, np.float32))
+            continue
+        fan_in = int(np.prod(shape[:-1]))
+        limit = np.sqrt(6.0 / fan_in)
+        values.append(rng.uniform(-limit, limit, shape).astype(np.float32))
+    model.set_weights(values)
+
+
+def _imagenet_weights_path(include_top: bool, keras_home: Path) -> str:
+    """Download (or find in the Keras cache) the ImageNet weights file."""
+    from keras.utils import get_file
+
+    fname = WEIGHTS_FILES[include_top]
+    origin = f"https://storage.googleapis.com/tensorflow/keras-applications/vgg19/{fname}"
+    try:
+        return get_file(fname, origin, cache_subdir="models", cache_dir=str(keras_home))
+    except Exception as exc:
+        raise WeightsError(
+            f"Could not download the VGG19 ImageNet weights ({exc.__class__.__name__}). "
+            f"Place {fname} at {keras_home / 'models' / fname}, or set BACKBONE_WEIGHTS=/path/to/{fname} "
+            f"(BACKBONE_WEIGHTS=none uses random weights, for tests)."
+        ) from None
+
+
+def build_backbone(spec: BackboneSpec = BackboneSpec(), keras_home: Path | None = None):
+    """Build the frozen VGG19 feature extractor for `spec`."""
+    import keras
+
+    keras_home = keras_home or Path("~/.keras").expanduser()
+    wid = weights_id(spec.weights)
+    size = spec.image_size
+    model = keras.applications.VGG19(
+        include_top=spec.include_top,
+        weights=None,
+        input_shape=(size, size, 3),
+        pooling=None if spec.include_top else "avg",
+    )
+    if spec.weights == "none":
+        _seeded_random_init(model)
+    else:
+        path = _imagenet_weights_path(spec.include_top, keras_home) if spec.weights == "imagenet" else spec.weights
+        try:
+            model.load_weights(path)
+        except Exception as exc:
+            raise WeightsError(
+                f"Cannot load VGG19 weights from {path} ({exc}); it must be "
+                f"{WEIGHTS_FILES[spec.include_top]} for feature_layer {spec.feature_layer!r}."
+            ) from None
+    if spec.include_top:
+        model = keras.Model(model.input, model.get_layer("fc2").output, name="vgg19_fc2")
+    model.trainable = False
+    return Backbone(spec=spec, model=model, weights_id=wid)
+
+
+@functools.lru_cache(maxsize=4)
+def shared_backbone(spec: BackboneSpec, keras_home: Path | None = None) -> Backbone:
+    """Build a backbone once per process and reuse it (it is frozen, so sharing is safe)."""
+    return build_backbone(spec, keras_home)

@@ -1,0 +1,221 @@
+"""Command line: `python -m training train|predict|evaluate|models|demo`.
+
+Bad input ends with a non-zero exit and a one-line reason on stderr, never a
+traceback: every error a user can cause is a `TrainingError` or a `ValueError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+# Quiet TensorFlow's C++ start-up logs before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from training.errors import Cancelled, TrainingError  # noqa: E402
+from training.settings import Settings  # noqa: E402
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Flags named as the training options of `training.options` (dashes for underscores)."""
+    add = parser.add_argument
+    add("--epochs", type=int, help="head epochs (default 50, early stopping on val loss)")
+    add("--batch-size", type=int, help="head batch size (default 32)")
+    add("--optimizer", choices=("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam"),
+        help="default nesterov (SGD with Nesterov momentum)")
+    add("--learning-rate", type=float, help="default 0.01 for SGD variants, 0.001 for adam/rmsprop")
+    add("--hidden-units", type=int, help="hidden Dense layer size, 0 for a linear head (default 256)")
+    add("--dropout", type=float, help="dropout after the hidden layer (default 0.3)")
+    add("--l2", type=float, help="L2 regularization (default 1e-4)")
+    add("--patience", type=int, help="early-stopping patience in epochs (default 8)")
+    add("--no-class-weights", dest="class_weights", action="store_false", default=None,
+        help="do not weight classes by inverse frequency")
+    add("--image-size", type=int, help="input size in pixels (default 224; 32 to 1024)")
+    add("--feature-layer", choices=("avg", "fc2"), help="avg: pooled block5 (512-d), fc2: 4096-d (224 px)")
+    add("--val-split", type=float, help="validation fraction when the data has no val/ folder (default 0.2)")
+    add("--seed", type=int, help="split and initialization seed (default 0)")
+    add("--publish", choices=("auto", "always", "never"),
+        help="auto: publish the first version and any at least as accurate as the published one")
+    add("--fine-tune", action="store_true", default=None, help="then unfreeze the top of VGG19 and train end to end")
+    add("--fine-tune-epochs", type=int, help="fine-tune epochs (default 5)")
+    add("--fine-tune-learning-rate", type=float, help="fine-tune learning rate (default 1e-4)")
+    add("--unfreeze-blocks", type=int, help="number of top VGG19 conv blocks to unfreeze (default 1)")
+    add("--freeze-first", type=int, help="instead: unfreeze all layers but the first N")
+    add("--no-augment", dest="augment", action="store_false", default=None,
+        help="no flip/rotation/zoom while fine-tuning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="model store (default MODEL_DIR or ./models)")
+    parser.add_argument("--data-dir", type=Path, help="datasets and feature cache (default DATA_DIR or ./data)")
+    parser.add_argument("--weights", help="backbone weights: imagenet, none, or a file (default BACKBONE_WEIGHTS)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a new model version on a folder, .zip or .tar.gz")
+    train.add_argument("data", help="dataset: folder of class folders, or an archive of one")
+    train.add_argument("--model", required=True, help="model name")
+    _add_train_options(train)
+
+    predict = sub.add_parser("predict", help="predict image files with a stored model")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--version", type=int, help="default: the published version")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--json", action="store_true", help="print JSON")
+
+    evaluate = sub.add_parser("evaluate", help="score a stored model on a labeled dataset")
+    evaluate.add_argument("data")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--version", type=int)
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+    models = sub.add_parser("models", help="list stored models")
+    models.add_argument("--json", action="store_true", help="print JSON")
+
+    demo = sub.add_parser("demo", help="make the sample digits dataset, train on it and predict")
+    demo.add_argument("--image-size", type=int, default=64)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    overrides = {"model_dir": args.model_dir, "data_dir": args.data_dir, "backbone_weights": args.weights}
+    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class ProgressBars:
+    """Show training progress callbacks as rich progress bars, one per phase."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, report) -> None:
+        if report.phase not in self.tasks:
+            self.tasks[report.phase] = self.progress.add_task(report.phase, total=max(report.total, 1))
+        task = self.tasks[report.phase]
+        description = report.phase
+        if report.metrics:
+            shown = {k: v for k, v in report.metrics.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+            description += " " + " ".join(f"{k}={v:.3f}" for k, v in shown.items())
+        self.progress.update(task, completed=report.current, total=max(report.total, 1), description=description)
+
+
+def command_train(args: argparse.Namespace, settings: Settings) -> int:
+    """Train and print a summary table."""
+    from training.options import OPTIONS, parse_options
+    from training.pipeline import train
+
+    params = parse_options({name: getattr(args, name, None) for name in OPTIONS})
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bars:
+        result = train(args.data, args.model, settings, params, progress=ProgressBars(bars))
+    for skipped in result.dataset["skipped"][:20]:
+        console.print(f"[yellow]skipped[/] {skipped['path']}: {skipped['reason']}")
+    for warning in result.dataset["warnings"]:
+        console.print(f"[yellow]warning[/] {warning}")
+    table = Table(title=f"{result.name} v{result.version}" + (" (published)" if result.published else ""))
+    table.add_column("class")
+    for column in ("precision", "recall", "f1", "support"):
+        table.add_column(column, justify="right")
+    for label, scores in result.metrics["per_class"].items():
+        table.add_row(label, *(f"{scores[c]:.3f}" for c in ("precision", "recall", "f1")), str(scores["support"]))
+    out.print(table)
+    metrics = result.metrics
+    out.print(f"validation accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}"
+              f", loss {metrics['loss']:.4f} on {metrics['samples']} images; "
+              f"features computed for {result.features_computed} images; "
+              f"time " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    return 0
+
+
+def command_predict(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the top-k labels of each image."""
+    from training.predict import predict_files
+
+    model, answers = predict_files(settings, args.model, args.images, args.version, args.top_k)
+    if args.json:
+        out.print_json(json.dumps({"model": model.name, "version": model.version, "predictions": answers}))
+        return 0
+    for path, answer in zip(args.images, answers):
+        top = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in answer["top_k"])
+        out.print(f"{path}: {answer['label']} ({top})")
+    return 0
+
+
+def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    """Score a stored model on a dataset."""
+    from training.predict import evaluate_dataset
+
+    metrics = evaluate_dataset(settings, args.model, args.data, args.version)
+    if args.json:
+        out.print_json(json.dumps(metrics))
+    else:
+        out.print(f"accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f} "
+                  f"on {metrics['samples']} images")
+    return 0
+
+
+def command_models(args: argparse.Namespace, settings: Settings) -> int:
+    """List stored models."""
+    from training.store import ModelStore
+
+    store = ModelStore(settings.model_dir)
+    models = [store.describe(name) for name in store.names()]
+    if args.json:
+        out.print_json(json.dumps(models))
+        return 0
+    table = Table(title=f"models in {settings.model_dir}")
+    for column in ("name", "versions", "published", "accuracy", "classes"):
+        table.add_column(column)
+    for model in models:
+        latest = model["versions"][-1]
+        published = next((v for v in model["versions"] if v["published"]), latest)
+        table.add_row(model["name"], ", ".join(str(v["version"]) for v in model["versions"]),
+                      str(model["published"] or "-"), f"{published['metrics']['accuracy']:.3f}",
+                      ", ".join(published["classes"]))
+    out.print(table)
+    return 0
+
+
+def command_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the demo."""
+    from training.demo import run_demo
+
+    return run_demo(settings, args.image_size, console, out)
+
+
+COMMANDS = {"train": command_train, "predict": command_predict, "evaluate": command_evaluate,
+            "models": command_models, "demo": command_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        return COMMANDS[args.command](args, settings)
+    except (TrainingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: no such file: {exc.filename}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        console.print("cancelled")
+        return 130
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130

@@ -1,0 +1,128 @@
+"""Optional fine-tuning: unfreeze the top of VGG19 and train end to end on images.
+
+Run only after the head has converged on cached features (a random head would
+send large gradients into the pretrained layers). The model is recompiled after
+`trainable` changes, trained with a low learning rate and light augmentation, and
+saved whole (backbone + head), since its backbone no longer matches the shared one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import keras
+import numpy as np
+
+from training.features import load_batch
+from training.head import balanced_class_weights, fit_with_hooks, make_optimizer, top_k_metric
+from training.progress import CancelFn, ProgressFn, never_cancel, no_progress
+
+VGG19_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneParams:
+    """How much of the backbone to unfreeze and how to train it."""
+
+    epochs: int = 5
+    learning_rate: float = 1e-4
+    optimizer: str = "nesterov"
+    batch_size: int = 16
+    unfreeze_blocks: int = 1      # the top N conv blocks (block5 = 1)
+    freeze_first: int | None = None  # or: all layers but the first N, as in the classic recipe
+    augment: bool = True
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.unfreeze_blocks <= len(VGG19_BLOCKS):
+            raise ValueError(f"unfreeze_blocks must be 1 to 5, received: {self.unfreeze_blocks!r}")
+        if self.freeze_first is not None and self.freeze_first < 0:
+            raise ValueError(f"freeze_first must be 0 or more, received: {self.freeze_first!r}")
+        if not 1 <= self.epochs <= 1000:
+            raise ValueError(f"fine_tune_epochs must be 1 to 1000, received: {self.epochs!r}")
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError(f"fine_tune_learning_rate must be in (0, 1], received: {self.learning_rate!r}")
+
+
+class ImageBatches(keras.utils.PyDataset):
+    """Batches of preprocessed images and labels, decoded from files on demand."""
+
+    def __init__(self, paths: Sequence, labels: np.ndarray, image_size: int, batch_size: int,
+                 shuffle: bool, seed: int = 0) -> None:
+        super().__init__()
+        self.paths, self.labels = list(paths), np.asarray(labels)
+        self.image_size, self.batch_size, self.shuffle = image_size, batch_size, shuffle
+        self.order = np.arange(len(self.paths))
+        self.rng = np.random.default_rng(seed)
+        self.pool = ThreadPoolExecutor(max_workers=4)
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        pixels = load_batch([self.paths[i] for i in chosen], self.image_size, self.pool)
+        return pixels, self.labels[chosen]
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+
+
+def set_trainable_layers(backbone_model, params: FineTuneParams) -> list[str]:
+    """Unfreeze the chosen backbone layers; return their names."""
+    backbone_model.trainable = True
+    layers = backbone_model.layers
+    if params.freeze_first is not None:
+        trainable = {layer.name for layer in layers[params.freeze_first:]}
+    else:
+        top_blocks = VGG19_BLOCKS[-params.unfreeze_blocks:]
+        trainable = {layer.name for layer in layers
+                     if not layer.name.startswith(VGG19_BLOCKS) or layer.name.startswith(top_blocks)}
+    for layer in layers:
+        layer.trainable = layer.name in trainable
+    return [layer.name for layer in layers if layer.trainable and layer.weights]
+
+
+def build_whole_model(backbone_model, head: keras.Model, image_size: int) -> keras.Model:
+    """Chain backbone and head into one model from preprocessed pixels to probabilities."""
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    return keras.Model(inputs, head(backbone_model(inputs)), name="finetuned")
+
+
+def augmentation() -> keras.Sequential:
+    """Light augmentation: horizontal flip, small rotation and zoom."""
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal"),
+        keras.layers.RandomRotation(0.05, fill_mode="constant"),
+        keras.layers.RandomZoom(0.1, fill_mode="constant"),
+    ], name="augment")
+
+
+def fine_tune(backbone_model, head: keras.Model, image_size: int, n_classes: int,
+              train: tuple[Sequence, np.ndarray], val: tuple[Sequence, np.ndarray],
+              params: FineTuneParams = FineTuneParams(), progress: ProgressFn = no_progress,
+              cancel: CancelFn = never_cancel) -> tuple[keras.Model, dict, list[str]]:
+    """Train backbone top and head end to end; return the whole model, history and unfrozen layers."""
+    # A copy, so the process's shared, frozen backbone is left untouched.
+    backbone_copy = keras.models.clone_model(backbone_model)
+    backbone_copy.set_weights(backbone_model.get_weights())
+    unfrozen = set_trainable_layers(backbone_copy, params)
+    model = build_whole_model(backbone_copy, head, image_size)
+    trainer = model
+    if params.augment:
+        inputs = keras.Input((image_size, image_size, 3), name="pixels")
+        trainer = keras.Model(inputs, model(augmentation()(inputs)), name="finetune_trainer")
+    # Recompile after changing `trainable`, with a low learning rate.
+    trainer.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate),
+                    loss="sparse_categorical_crossentropy", metrics=["accuracy", top_k_metric(n_classes)])
+    train_batches = ImageBatches(train[0], train[1], image_size, params.batch_size, shuffle=True)
+    val_batches = ImageBatches(val[0], val[1], image_size, params.batch_size, shuffle=False)
+    weights = balanced_class_weights(np.asarray(train[1]), n_classes)
+    history = fit_with_hooks(trainer, train_batches, None, val_batches, params.epochs, None, weights,
+                             params.patience, "fine-tune", progress, cancel)
+    return model, history, unfrozen

@@ -1,0 +1,161 @@
+"""The softmax head trained on cached backbone features.
+
+Defaults follow the classic transfer-learning recipe: an optional hidden Dense
+layer with He initialization, ELU, batch normalization and dropout; SGD with
+Nesterov momentum (adaptive optimizers selectable); L2 regularization; early
+stopping on validation loss restoring the best weights; balanced class weights.
+The head standardizes its input itself, so it takes raw backbone features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
+
+from training.errors import Cancelled
+from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam")
+DEFAULT_LEARNING_RATES = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01,
+                          "rmsprop": 0.001, "adagrad": 0.01, "adam": 0.001}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadParams:
+    """Hyper-parameters of the head and its training."""
+
+    hidden_units: int = 256
+    dropout: float = 0.3
+    batch_norm: bool = True
+    optimizer: str = "nesterov"
+    learning_rate: float | None = None  # None: the optimizer's default above
+    momentum: float = 0.9
+    l2: float = 1e-4
+    epochs: int = 50
+    batch_size: int = 32
+    patience: int = 8
+    class_weights: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, received: {self.optimizer!r}")
+        checks = {
+            "hidden_units": self.hidden_units >= 0,
+            "dropout": 0 <= self.dropout < 1,
+            "learning_rate": self.learning_rate is None or 0 < self.learning_rate <= 10,
+            "momentum": 0 <= self.momentum < 1,
+            "l2": self.l2 >= 0,
+            "epochs": 1 <= self.epochs <= 10_000,
+            "batch_size": 1 <= self.batch_size <= 65_536,
+            "patience": self.patience >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name} is out of range, received: {getattr(self, name)!r}")
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """The learning rate actually used."""
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.optimizer]
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9):
+    """Build a Keras optimizer by its short name."""
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate)
+    if name in ("momentum", "nesterov"):
+        return keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=name == "nesterov")
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate)
+    if name == "adagrad":
+        return keras.optimizers.Adagrad(learning_rate)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, received: {name!r}")
+
+
+def build_head(feature_dim: int, n_classes: int, params: HeadParams, train_features: np.ndarray) -> keras.Model:
+    """Build the head: standardize → [Dense(He, ELU) → BN → Dropout] → softmax."""
+    regularizer = keras.regularizers.L2(params.l2) if params.l2 else None
+    normalize = keras.layers.Normalization(name="standardize")
+    normalize.adapt(train_features)
+    inputs = keras.Input((feature_dim,), name="features")
+    x = normalize(inputs)
+    if params.hidden_units:
+        x = keras.layers.Dense(params.hidden_units, kernel_initializer="he_normal",
+                               kernel_regularizer=regularizer, name="hidden")(x)
+        if params.batch_norm:
+            x = keras.layers.BatchNormalization(name="hidden_bn")(x)
+        x = keras.layers.Activation("elu", name="hidden_elu")(x)
+        if params.dropout:
+            x = keras.layers.Dropout(params.dropout, seed=params.seed, name="hidden_dropout")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=regularizer,
+                                 name="predictions")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def top_k_metric(n_classes: int):
+    """A top-k accuracy metric with k suited to the number of classes."""
+    k = min(3, max(1, n_classes - 1))
+    return keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top_k_accuracy")
+
+
+class TrainingHooks(keras.callbacks.Callback):
+    """Report each epoch's metrics and stop within one batch when cancelled."""
+
+    def __init__(self, phase: str, epochs: int, progress: ProgressFn, cancel: CancelFn) -> None:
+        super().__init__()
+        self.phase, self.epochs, self.progress, self.cancel = phase, epochs, progress, cancel
+        self.cancelled = False
+
+    def _check(self) -> None:
+        if not self.cancelled and self.cancel():
+            self.cancelled = True
+            self.model.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self._check()
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        self.progress(Progress(self.phase, epoch + 1, self.epochs, epoch + 1, metrics))
+        self._check()
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
+    """Weights inversely proportional to class frequency (sklearn's 'balanced')."""
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    result = {index: 1.0 for index in range(n_classes)}
+    result.update({int(c): float(w) for c, w in zip(present, weights)})
+    return result
+
+
+def fit_with_hooks(model: keras.Model, x, y, validation, epochs: int, batch_size: int | None,
+                   class_weight, patience: int, phase: str, progress: ProgressFn, cancel: CancelFn) -> dict:
+    """Fit with early stopping (best weights restored), progress and cancel; return the history."""
+    hooks = TrainingHooks(phase, epochs, progress, cancel)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    history = model.fit(x, y, validation_data=validation, epochs=epochs, batch_size=batch_size,
+                        class_weight=class_weight, callbacks=[stop, hooks], verbose=0)
+    if hooks.cancelled:
+        raise Cancelled("training was cancelled")
+    return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+               n_classes: int, params: HeadParams = HeadParams(),
+               progress: ProgressFn = no_progress, cancel: CancelFn = never_cancel) -> tuple[keras.Model, dict]:
+    """Train a head on features; return the model (best validation loss) and its history."""
+    keras.utils.set_random_seed(params.seed)
+    model = build_head(x_train.shape[1], n_classes, params, x_train)
+    model.compile(optimizer=make_optimizer(params.optimizer, params.effective_learning_rate, params.momentum),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy", top_k_metric(n_classes)])
+    weights = balanced_class_weights(y_train, n_classes) if params.class_weights else None
+    history = fit_with_hooks(model, x_train, y_train, (x_val, y_val), params.epochs, params.batch_size,
+                             weights, params.patience, "head", progress, cancel)
+    return model, history

@@ -1,0 +1,85 @@
+"""Training options by name, shared by the CLI flags, the API's JSON and its form fields.
+
+`parse_options` turns a flat mapping of option names (strings from a form, or typed
+values from JSON or argparse) into `TrainParams`, rejecting unknown names and bad
+values with a message that names the option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from training.finetune import FineTuneParams
+from training.head import HeadParams
+from training.pipeline import TrainParams
+
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+# option name -> (type, which params object, field name there)
+OPTIONS: dict[str, tuple[type, str, str]] = {
+    "epochs": (int, "head", "epochs"),
+    "batch_size": (int, "head", "batch_size"),
+    "optimizer": (str, "head", "optimizer"),
+    "learning_rate": (float, "head", "learning_rate"),
+    "hidden_units": (int, "head", "hidden_units"),
+    "dropout": (float, "head", "dropout"),
+    "batch_norm": (bool, "head", "batch_norm"),
+    "l2": (float, "head", "l2"),
+    "patience": (int, "head", "patience"),
+    "class_weights": (bool, "head", "class_weights"),
+    "image_size": (int, "train", "image_size"),
+    "feature_layer": (str, "train", "feature_layer"),
+    "val_split": (float, "train", "val_split"),
+    "seed": (int, "train", "seed"),
+    "publish": (str, "train", "publish"),
+    "fine_tune": (bool, "fine_tune", ""),
+    "fine_tune_epochs": (int, "fine_tune", "epochs"),
+    "fine_tune_learning_rate": (float, "fine_tune", "learning_rate"),
+    "unfreeze_blocks": (int, "fine_tune", "unfreeze_blocks"),
+    "freeze_first": (int, "fine_tune", "freeze_first"),
+    "augment": (bool, "fine_tune", "augment"),
+}
+
+
+def _coerce(name: str, kind: type, value):
+    """Convert one option value to its type, or raise ValueError naming it."""
+    if isinstance(value, str):
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in TRUE | FALSE:
+                return text.lower() in TRUE
+        else:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    elif kind is bool and isinstance(value, bool):
+        return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif kind is not bool and isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be a {'boolean' if kind is bool else kind.__name__}, received: {value!r}")
+
+
+def parse_options(options: Mapping) -> TrainParams:
+    """Build TrainParams from option names and values; None values mean 'default'."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    groups: dict[str, dict] = {"head": {}, "train": {}, "fine_tune": {}}
+    fine_tune = False
+    for name, value in options.items():
+        if value is None:
+            continue
+        kind, group, field = OPTIONS[name]
+        value = _coerce(name, kind, value)
+        if name == "fine_tune":
+            fine_tune = value
+        else:
+            groups[group][field] = value
+    if groups["fine_tune"] and not fine_tune:
+        raise ValueError(f"{', '.join(groups['fine_tune'])} need fine_tune to be on")
+    return TrainParams(head=HeadParams(**groups["head"]),
+                       fine_tune=FineTuneParams(**groups["fine_tune"]) if fine_tune else None,
+                       **groups["train"])

@@ -1,0 +1,217 @@
+"""One training run: ingest → features (cached) → head → optional fine-tune → evaluate → save.
+
+This is what the CLI and the Celery task call. It reports progress through a
+callback and stops within one epoch or feature batch when its cancel check says so;
+a cancelled or failed run writes no version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.backbone import BackboneSpec, backbone_id, shared_backbone, weights_id
+from training.evaluate import evaluate
+from training.features import FeatureCache, extract_features
+from training.finetune import FineTuneParams, ImageBatches, fine_tune
+from training.head import HeadParams, train_head
+from training.images import PREPROCESSING
+from training.ingest import Dataset, IngestLimits, ingest
+from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress, raise_if_cancelled
+from training.settings import Settings
+from training.store import PUBLISH_POLICIES, ModelStore, validate_name
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """Everything that shapes one training run besides the data."""
+
+    image_size: int = 224
+    feature_layer: str = "avg"
+    head: HeadParams = HeadParams()
+    fine_tune: FineTuneParams | None = None
+    val_split: float = 0.2
+    seed: int = 0
+    publish: str = "auto"
+    feature_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.val_split <= 0.5:
+            raise ValueError(f"val_split must be from 0.05 to 0.5, received: {self.val_split!r}")
+        if self.publish not in PUBLISH_POLICIES:
+            raise ValueError(f"publish must be one of {PUBLISH_POLICIES}, received: {self.publish!r}")
+        if not 1 <= self.feature_batch_size <= 1024:
+            raise ValueError(f"feature_batch_size must be 1 to 1024, received: {self.feature_batch_size!r}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    name: str
+    version: int
+    published: bool
+    metrics: dict
+    dataset: dict
+    timings: dict[str, float]
+    history: dict
+    features_computed: int
+
+
+def split_indices(dataset: Dataset, labels: np.ndarray, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation indices: the dataset's own split folders, else a stratified split."""
+    if dataset.has_split():
+        splits = np.array([item.split for item in dataset.items])
+        train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+        if len(val):
+            return train, val
+        labels = labels[train]
+        indices = train
+    else:
+        indices = np.arange(len(labels))
+    from sklearn.model_selection import train_test_split
+
+    n_classes = len(np.unique(labels))
+    # At least one validation image per class, so every class is scored.
+    n_val = max(n_classes, int(round(val_split * len(indices))))
+    train, val = train_test_split(indices, test_size=n_val, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a model's numbers."""
+    import cv2
+    import keras
+    import PIL
+    import sklearn
+
+    versions = {"python": platform.python_version(), "keras": keras.__version__,
+                "keras_backend": keras.backend.backend(), "numpy": np.__version__,
+                "pillow": PIL.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__}
+    if versions["keras_backend"] == "tensorflow":
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+    return versions
+
+
+def _params_dict(params: TrainParams) -> dict:
+    data = dataclasses.asdict(params)
+    data["head"]["learning_rate"] = params.head.effective_learning_rate
+    return data
+
+
+def train(source: str | Path, name: str, settings: Settings, params: TrainParams = TrainParams(),
+          progress: ProgressFn = no_progress, cancel: CancelFn = never_cancel) -> TrainResult:
+    """Train a model named `name` on the dataset at `source` and save it as a new version."""
+    validate_name(name)
+    spec = BackboneSpec(settings.backbone_weights, params.feature_layer, params.image_size)
+    timings: dict[str, float] = {}
+    started = clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[phase] = round(now - clock, 3)
+        clock = now
+
+    tmp_root = settings.data_dir / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp_root, prefix="ingest-") as workdir:
+        progress(Progress("unpack", 0, 1))
+        dataset = ingest(source, workdir, IngestLimits.from_settings(settings))
+        progress(Progress("unpack", 1, 1))
+        lap("unpack")
+        raise_if_cancelled(cancel)
+
+        classes = dataset.classes
+        labels = np.array([classes.index(item.label) for item in dataset.items])
+        train_idx, val_idx = split_indices(dataset, labels, params.val_split, params.seed)
+        cache = FeatureCache(settings.feature_cache_dir, backbone_id(spec, weights_id(spec.weights)))
+
+        def get_backbone():
+            return shared_backbone(spec, settings.keras_home)
+
+        features, computed = extract_features(dataset.items, cache, get_backbone, spec.image_size,
+                                              params.feature_batch_size, progress, cancel)
+        lap("features")
+
+        head, history = train_head(features[train_idx], labels[train_idx], features[val_idx], labels[val_idx],
+                                   len(classes), params.head, progress, cancel)
+        lap("head")
+
+        model, kind, fine_tune_history, unfrozen = head, "head", {}, []
+        paths = [item.path for item in dataset.items]
+        if params.fine_tune:
+            model, fine_tune_history, unfrozen = fine_tune(
+                get_backbone().model, head, spec.image_size, len(classes),
+                ([paths[i] for i in train_idx], labels[train_idx]), ([paths[i] for i in val_idx], labels[val_idx]),
+                params.fine_tune, progress, cancel)
+            kind = "full"
+            lap("fine-tune")
+
+        progress(Progress("evaluate", 0, 1))
+        if kind == "head":
+            probabilities = head.predict(features[val_idx], batch_size=256, verbose=0)
+        else:
+            val_batches = ImageBatches([paths[i] for i in val_idx], labels[val_idx], spec.image_size,
+                                       params.fine_tune.batch_size, shuffle=False)
+            probabilities = model.predict(val_batches, verbose=0)
+        metrics = evaluate(probabilities, labels[val_idx], classes)
+        progress(Progress("evaluate", 1, 1))
+        lap("evaluate")
+        raise_if_cancelled(cancel)
+
+    progress(Progress("save", 0, 1))
+    report = dataset.report()
+    report.update({"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
+                   "split": "folders" if dataset.has_split() else f"stratified {params.val_split:.0%}"})
+    metadata = {
+        "name": name,
+        "kind": kind,
+        "classes": classes,
+        "metrics": metrics,
+        "params": _params_dict(params),
+        "dataset": {key: report[key] for key in ("id", "classes", "images", "train_images", "val_images", "split")}
+        | {"skipped": len(report["skipped"]), "duplicates": len(report["duplicates"]),
+           "conflicts": len(report["conflicts"])},
+        "backbone": {"id": backbone_id(spec, weights_id(spec.weights)), "architecture": "VGG19",
+                     "weights": weights_id(spec.weights), "feature_layer": spec.feature_layer,
+                     "feature_dim": spec.feature_dim, "image_size": spec.image_size,
+                     "fine_tuned_layers": unfrozen},
+        "preprocessing": PREPROCESSING,
+        "history": {"head": history, "fine_tune": fine_tune_history},
+        "features_computed": computed,
+        "library_versions": library_versions(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "training_seconds": round(time.perf_counter() - started, 3),
+        "timings": timings,
+    }
+    version, published = ModelStore(settings.model_dir).save_version(
+        name, lambda folder: _write_model_files(folder, model, kind, history, fine_tune_history, metrics, classes),
+        metadata, classes, params.publish)
+    lap("save")
+    progress(Progress("save", 1, 1))
+    return TrainResult(name=name, version=version, published=published, metrics=metrics, dataset=report,
+                       timings=timings, history=metadata["history"], features_computed=computed)
+
+
+def _write_model_files(folder: Path, model, kind: str, history: dict, fine_tune_history: dict,
+                       metrics: dict, classes: list[str]) -> None:
+    """Write the Keras file and the plots of a new version into its staging folder."""
+    from training.plots import plot_confusion_matrix, plot_history
+    from training.store import MODEL_FILES
+
+    model.save(folder / MODEL_FILES[kind])
+    plots = folder / "plots"
+    plots.mkdir()
+    plot_history(history, plots / "training.png", "Head training")
+    if fine_tune_history:
+        plot_history(fine_tune_history, plots / "fine_tune.png", "Fine-tuning")
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png")

@@ -1,0 +1,99 @@
+"""The one typed settings object, read from the environment once.
+
+Nothing else in the project reads `os.environ`; code takes a `Settings` (or the
+values it needs) as an argument, so tests build their own without touching the
+environment. Every name here is documented in `.env.example`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Service and library settings; see `.env.example` for each one."""
+
+    model_dir: Path = Path("models")
+    data_dir: Path = Path("data")
+    backbone_weights: str = "imagenet"
+    keras_home: Path = Path("~/.keras").expanduser()
+    celery_broker_url: str | None = None
+    database_url: str | None = None
+    training_api_key: str | None = None
+    prediction_api_key: str | None = None
+    max_upload_mb: int = 512
+    precision: str = "float32"
+    # Ingest limits: an archive over any of them is rejected while it streams.
+    max_archive_entries: int = 100_000
+    max_archive_mb: int = 4096
+    max_compression_ratio: int = 200
+    max_image_pixels: int = 50_000_000
+    min_images_per_class: int = 5
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"PRECISION must be one of {PRECISIONS}, received: {self.precision!r}")
+        for name in ("max_upload_mb", "max_archive_entries", "max_archive_mb",
+                     "max_compression_ratio", "max_image_pixels", "min_images_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.upper()} must be at least 1, received: {getattr(self, name)}")
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        """Folder of cached backbone features."""
+        return self.data_dir / "features"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Folder of ingested datasets."""
+        return self.data_dir / "datasets"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from an environment mapping (default: the process environment)."""
+        env = os.environ if environ is None else environ
+
+        def text(name: str, default: str | None) -> str | None:
+            value = env.get(name, "").strip()
+            return value or default
+
+        def number(name: str, default: int) -> int:
+            raw = text(name, None)
+            if raw is None:
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{name} must be a whole number, received: {raw!r}") from None
+
+        defaults = cls()
+        return cls(
+            model_dir=Path(text("MODEL_DIR", str(defaults.model_dir))),
+            data_dir=Path(text("DATA_DIR", str(defaults.data_dir))),
+            backbone_weights=text("BACKBONE_WEIGHTS", defaults.backbone_weights),
+            keras_home=Path(text("KERAS_HOME", str(defaults.keras_home))).expanduser(),
+            celery_broker_url=text("CELERY_BROKER_URL", None),
+            database_url=text("DATABASE_URL", None),
+            training_api_key=text("TRAINING_API_KEY", None),
+            prediction_api_key=text("PREDICTION_API_KEY", None),
+            max_upload_mb=number("MAX_UPLOAD_MB", defaults.max_upload_mb),
+            precision=text("PRECISION", defaults.precision),
+            max_archive_entries=number("MAX_ARCHIVE_ENTRIES", defaults.max_archive_entries),
+            max_archive_mb=number("MAX_ARCHIVE_MB", defaults.max_archive_mb),
+            max_compression_ratio=number("MAX_COMPRESSION_RATIO", defaults.max_compression_ratio),
+            max_image_pixels=number("MAX_IMAGE_PIXELS", defaults.max_image_pixels),
+            min_images_per_class=number("MIN_IMAGES_PER_CLASS", defaults.min_images_per_class),
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read from the environment on first use."""
+    return Settings.from_env()

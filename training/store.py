@@ -1,0 +1,243 @@
+"""The model store: versioned models on disk, read and written only through this module.
+
+Layout: `<root>/<name>/<version>/` holds the Keras file (`head.keras` for head-only
+models, `model.keras` for fine-tuned whole models), `labels.json`, `metadata.json`
+and `plots/`. `<root>/<name>/published.json` names the published version.
+
+A version is written into a hidden staging folder, flushed, then renamed into
+place, so readers never see a half-written version; `published.json` is replaced
+atomically, so a reader sees the old or the new version, never a mix. Models are
+loaded only from the store, with Keras safe mode on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from training.errors import ModelNotFoundError, StoreConflictError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MODEL_FILES = {"head": "head.keras", "full": "model.keras"}
+PUBLISH_POLICIES = ("auto", "always", "never")
+
+
+def validate_name(name: str) -> str:
+    """Check a model name: letters, digits, '.', '_' and '-', 1 to 64 characters."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"model name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit; "
+            f"received: {name!r}"
+        )
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file, flush it to disk, and rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(folder))
+
+
+class ModelStore:
+    """Versioned models under one root folder (`MODEL_DIR`)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def model_dir(self, name: str) -> Path:
+        """The folder of one model's versions."""
+        return self.root / validate_name(name)
+
+    def version_dir(self, name: str, version: int) -> Path:
+        """The folder of one version; raises ModelNotFoundError if absent."""
+        path = self.model_dir(name) / str(int(version))
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model {name!r} has no version {version}")
+        return path
+
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        """Serialize writers of one model (version numbering, publishing) across processes."""
+        folder = self.model_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def names(self) -> list[str]:
+        """Names of the models that have at least one version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and NAME_PATTERN.match(p.name) and self.versions(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        """Version numbers of a model, ascending (staging folders are not versions)."""
+        folder = self.model_dir(name)
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def published_version(self, name: str) -> int | None:
+        """The published version, or None."""
+        try:
+            data = json.loads((self.model_dir(name) / "published.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        version = int(data["version"])
+        return version if (self.model_dir(name) / str(version)).is_dir() else None
+
+    def resolve_version(self, name: str, version: int | None = None) -> int:
+        """Return `version` if it exists, else the published one when `version` is None."""
+        if not self.versions(name):
+            raise ModelNotFoundError(f"no model named {name!r}")
+        if version is None:
+            published = self.published_version(name)
+            if published is None:
+                raise ModelNotFoundError(f"model {name!r} has no published version")
+            return published
+        self.version_dir(name, version)
+        return int(version)
+
+    def metadata(self, name: str, version: int) -> dict:
+        """A version's metadata, with its version number and whether it is published."""
+        data = json.loads((self.version_dir(name, version) / "metadata.json").read_text(encoding="utf-8"))
+        data["version"] = int(version)
+        data["published"] = self.published_version(name) == int(version)
+        return data
+
+    def describe(self, name: str) -> dict:
+        """One model: its versions (metadata) and the published version."""
+        versions = [self.metadata(name, v) for v in self.versions(name)]
+        if not versions:
+            raise ModelNotFoundError(f"no model named {name!r}")
+        return {"name": name, "published": self.published_version(name), "versions": versions}
+
+    def save_version(self, name: str, write_files: Callable[[Path], None], metadata: dict,
+                     labels: list[str], publish: str = "auto") -> tuple[int, bool]:
+        """Write a new version atomically; return its number and whether it was published.
+
+        `write_files(folder)` writes the model file and plots into the staging folder.
+        Publish policy: `auto` publishes the first version, and a later one whose
+        validation accuracy is at least the published version's; `always`; `never`.
+        """
+        if publish not in PUBLISH_POLICIES:
+            raise ValueError(f"publish must be one of {PUBLISH_POLICIES}, received: {publish!r}")
+        folder = self.model_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = folder / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            write_files(staging)
+            (staging / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
+            (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False),
+                                                   encoding="utf-8")
+            _fsync_tree(staging)
+            with self._lock(name):
+                version = self._rename_into_place(staging, folder)
+                published = self._should_publish(name, metadata, publish)
+                if published:
+                    self._write_published(name, version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return version, published
+
+    def _rename_into_place(self, staging: Path, folder: Path) -> int:
+        """Rename the staging folder to the next free version number."""
+        version = (self.versions(folder.name) or [0])[-1] + 1
+        while True:
+            try:
+                os.rename(staging, folder / str(version))
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                version += 1  # Taken by a writer that did not hold the lock: try the next number.
+                continue
+            _fsync_dir(folder)
+            return version
+
+    def _should_publish(self, name: str, metadata: dict, policy: str) -> bool:
+        current = self.published_version(name)
+        if policy == "always" or current is None and policy == "auto":
+            return True
+        if policy == "never":
+            return False
+        new_accuracy = metadata.get("metrics", {}).get("accuracy", 0.0)
+        old_accuracy = self.metadata(name, current).get("metrics", {}).get("accuracy", 0.0)
+        return new_accuracy >= old_accuracy
+
+    def _write_published(self, name: str, version: int) -> None:
+        write_json_atomic(self.model_dir(name) / "published.json", {"version": int(version)})
+
+    def publish(self, name: str, version: int) -> None:
+        """Make `version` the published one (publish or roll back), atomically."""
+        with self._lock(name):
+            self.version_dir(name, version)
+            self._write_published(name, version)
+
+    def delete_version(self, name: str, version: int) -> None:
+        """Delete a version that is not the published one."""
+        with self._lock(name):
+            path = self.version_dir(name, version)
+            if self.published_version(name) == int(version):
+                raise StoreConflictError(f"version {version} of {name!r} is published; publish another first")
+            trash = path.parent / f".deleting-{uuid.uuid4().hex}"
+            os.rename(path, trash)  # Disappears atomically; the files go after.
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def model_path(self, name: str, version: int) -> tuple[str, Path]:
+        """The kind (`head` or `full`) and Keras file of a version."""
+        folder = self.version_dir(name, version)
+        for kind, filename in MODEL_FILES.items():
+            if (folder / filename).is_file():
+                return kind, folder / filename
+        raise ModelNotFoundError(f"version {version} of {name!r} has no model file")
+
+    def load_keras_model(self, name: str, version: int):
+        """Load a version's Keras model from the store, with safe mode on."""
+        import keras
+
+        _, path = self.model_path(name, version)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+    def labels(self, name: str, version: int) -> list[str]:
+        """A version's class labels, in output order."""
+        return json.loads((self.version_dir(name, version) / "labels.json").read_text(encoding="utf-8"))
