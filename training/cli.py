@@ -120,7 +120,7 @@ def command_train(args: argparse.Namespace, settings: Settings) -> int:
 
     params = parse_options({name: getattr(args, name, None) for name in OPTIONS})
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bars:
+    with Progress(*columns, console=console, transient=True) as bars:
         result = train(args.data, args.model, settings, params, progress=ProgressBars(bars))
     for skipped in result.dataset["skipped"][:20]:
         console.print(f"[yellow]skipped[/] {skipped['path']}: {skipped['reason']}")

@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
 from training.errors import Cancelled
+from training.evaluate import summary_scores, top_k_for
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam")
@@ -99,17 +100,24 @@ def build_head(feature_dim: int, n_classes: int, params: HeadParams, train_featu
 
 
 def top_k_metric(n_classes: int):
-    """A top-k accuracy metric with k suited to the number of classes."""
-    k = min(3, max(1, n_classes - 1))
-    return keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top_k_accuracy")
+    """A top-k accuracy metric with the k that evaluation reports."""
+    return keras.metrics.SparseTopKCategoricalAccuracy(k=top_k_for(n_classes), name="top_k_accuracy")
 
 
 class TrainingHooks(keras.callbacks.Callback):
-    """Report each epoch's metrics and stop within one batch when cancelled."""
+    """Score validation features, report each epoch, and stop within one batch when cancelled.
 
-    def __init__(self, phase: str, epochs: int, progress: ProgressFn, cancel: CancelFn) -> None:
+    For head training, validation features are scored here with one direct model
+    call per epoch: Keras' own per-epoch `evaluate` (a traced function and a fresh
+    data iterator every epoch) costs more than a whole epoch of a small head.
+    Placed before EarlyStopping, so the `val_*` values it adds are what it monitors.
+    """
+
+    def __init__(self, phase: str, epochs: int, progress: ProgressFn, cancel: CancelFn,
+                 validation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         super().__init__()
         self.phase, self.epochs, self.progress, self.cancel = phase, epochs, progress, cancel
+        self.validation = validation
         self.cancelled = False
 
     def _check(self) -> None:
@@ -121,7 +129,15 @@ class TrainingHooks(keras.callbacks.Callback):
         self._check()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        logs = logs if logs is not None else {}
+        if self.validation is not None:
+            x_val, y_val = self.validation
+            probabilities = keras.ops.convert_to_numpy(self.model(x_val, training=False))
+            penalty = sum(float(keras.ops.convert_to_numpy(loss)) for loss in self.model.losses)
+            scores = summary_scores(probabilities, y_val)
+            logs.update({"val_loss": scores["loss"] + penalty, "val_accuracy": scores["accuracy"],
+                         "val_top_k_accuracy": scores["top_k_accuracy"]})
+        metrics = {key: float(value) for key, value in logs.items()}
         self.progress(Progress(self.phase, epoch + 1, self.epochs, epoch + 1, metrics))
         self._check()
 
@@ -136,12 +152,13 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> dict[int, floa
 
 
 def fit_with_hooks(model: keras.Model, x, y, validation, epochs: int, batch_size: int | None,
-                   class_weight, patience: int, phase: str, progress: ProgressFn, cancel: CancelFn) -> dict:
+                   class_weight, patience: int, phase: str, progress: ProgressFn, cancel: CancelFn,
+                   validation_in_hooks: bool = False) -> dict:
     """Fit with early stopping (best weights restored), progress and cancel; return the history."""
-    hooks = TrainingHooks(phase, epochs, progress, cancel)
+    hooks = TrainingHooks(phase, epochs, progress, cancel, validation if validation_in_hooks else None)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-    history = model.fit(x, y, validation_data=validation, epochs=epochs, batch_size=batch_size,
-                        class_weight=class_weight, callbacks=[stop, hooks], verbose=0)
+    history = model.fit(x, y, validation_data=None if validation_in_hooks else validation, epochs=epochs,
+                        batch_size=batch_size, class_weight=class_weight, callbacks=[hooks, stop], verbose=0)
     if hooks.cancelled:
         raise Cancelled("training was cancelled")
     return {key: [float(v) for v in values] for key, values in history.history.items()}
@@ -154,8 +171,15 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     keras.utils.set_random_seed(params.seed)
     model = build_head(x_train.shape[1], n_classes, params, x_train)
     model.compile(optimizer=make_optimizer(params.optimizer, params.effective_learning_rate, params.momentum),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy", top_k_metric(n_classes)])
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     weights = balanced_class_weights(y_train, n_classes) if params.class_weights else None
     history = fit_with_hooks(model, x_train, y_train, (x_val, y_val), params.epochs, params.batch_size,
-                             weights, params.patience, "head", progress, cancel)
+                             weights, params.patience, "head", progress, cancel, validation_in_hooks=True)
     return model, history
+
+
+def head_probabilities(model: keras.Model, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Class probabilities from features by direct model calls (no traced predict function to build)."""
+    parts = [keras.ops.convert_to_numpy(model(features[i:i + batch_size], training=False))
+             for i in range(0, len(features), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]), np.float32)

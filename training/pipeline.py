@@ -20,7 +20,7 @@ from training.backbone import BackboneSpec, backbone_id, shared_backbone, weight
 from training.evaluate import evaluate
 from training.features import FeatureCache, extract_features
 from training.finetune import FineTuneParams, ImageBatches, fine_tune
-from training.head import HeadParams, train_head
+from training.head import HeadParams, head_probabilities, train_head
 from training.images import PREPROCESSING
 from training.ingest import Dataset, IngestLimits, ingest
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress, raise_if_cancelled
@@ -158,7 +158,7 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
 
         progress(Progress("evaluate", 0, 1))
         if kind == "head":
-            probabilities = head.predict(features[val_idx], batch_size=256, verbose=0)
+            probabilities = head_probabilities(head, features[val_idx])
         else:
             val_batches = ImageBatches([paths[i] for i in val_idx], labels[val_idx], spec.image_size,
                                        params.fine_tune.batch_size, shuffle=False)

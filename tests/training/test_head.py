@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
 from training.backbone import BackboneSpec, build_backbone, weights_id
 from training.errors import Cancelled, WeightsError
-from training.evaluate import evaluate
-from training.head import OPTIMIZERS, HeadParams, balanced_class_weights, train_head
+from training.evaluate import evaluate, summary_scores
+from training.head import OPTIMIZERS, HeadParams, balanced_class_weights, head_probabilities, train_head
 
 
 def blobs(n_per_class=(40, 40, 40), dim=16, seed=0, offset=500.0, scale=80.0):
@@ -26,7 +27,7 @@ def test_head_learns_raw_features_and_standardizes_inside():
     model, history = train_head(x[:90], y[:90], x[90:], y[90:], 3, HeadParams(epochs=30))
     probabilities = model.predict(x[90:], verbose=0)
     assert evaluate(probabilities, y[90:], ["a", "b", "c"])["accuracy"] >= 0.95
-    assert {"loss", "val_loss", "accuracy", "val_accuracy", "top_k_accuracy"} <= set(history)
+    assert {"loss", "val_loss", "accuracy", "val_accuracy", "val_top_k_accuracy"} <= set(history)
     assert model.get_layer("standardize") is not None
 
 
@@ -65,9 +66,14 @@ def test_cancel_stops_within_one_epoch():
 def test_early_stopping_restores_the_best_epoch():
     x, y = blobs(offset=0, scale=1)
     y_noise = np.random.default_rng(1).integers(0, 3, len(y))  # unlearnable labels: val loss rises
-    _, history = train_head(x[:90], y_noise[:90], x[90:], y_noise[90:], 3,
-                            HeadParams(epochs=200, patience=3, learning_rate=0.1))
+    model, history = train_head(x[:90], y_noise[:90], x[90:], y_noise[90:], 3,
+                                HeadParams(epochs=200, patience=3, learning_rate=0.1))
     assert len(history["val_loss"]) < 200
+    best = int(np.argmin(history["val_loss"]))
+    assert best < len(history["val_loss"]) - 1  # it stopped after later, worse epochs
+    penalty = sum(float(keras.ops.convert_to_numpy(loss)) for loss in model.losses)
+    restored = summary_scores(head_probabilities(model, x[90:]), y_noise[90:])["loss"] + penalty
+    assert restored == pytest.approx(history["val_loss"][best], rel=1e-4)
 
 
 def test_balanced_class_weights():
