@@ -23,8 +23,8 @@ from rich.table import Table  # noqa: E402
 from training.errors import Cancelled, TrainingError  # noqa: E402
 from training.settings import Settings  # noqa: E402
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
