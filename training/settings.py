@@ -36,12 +36,21 @@ class Settings:
     max_compression_ratio: int = 200
     max_image_pixels: int = 50_000_000
     min_images_per_class: int = 5
+    # Serving: where gunicorn binds, how many processes and threads, micro-batching.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    web_concurrency: int = 1
+    threads: int = 8
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = 5.0
+    max_queue_images: int = 256
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"PRECISION must be one of {PRECISIONS}, received: {self.precision!r}")
         for name in ("max_upload_mb", "max_archive_entries", "max_archive_mb",
-                     "max_compression_ratio", "max_image_pixels", "min_images_per_class"):
+                     "max_compression_ratio", "max_image_pixels", "min_images_per_class", "port",
+                     "web_concurrency", "threads", "max_batch_size", "max_queue_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1, received: {getattr(self, name)}")
 
@@ -90,6 +99,13 @@ class Settings:
             max_compression_ratio=number("MAX_COMPRESSION_RATIO", defaults.max_compression_ratio),
             max_image_pixels=number("MAX_IMAGE_PIXELS", defaults.max_image_pixels),
             min_images_per_class=number("MIN_IMAGES_PER_CLASS", defaults.min_images_per_class),
+            host=text("HOST", defaults.host),
+            port=number("PORT", defaults.port),
+            web_concurrency=number("WEB_CONCURRENCY", defaults.web_concurrency),
+            threads=number("THREADS", defaults.threads),
+            max_batch_size=number("MAX_BATCH_SIZE", defaults.max_batch_size),
+            max_batch_wait_ms=float(number("MAX_BATCH_WAIT_MS", int(defaults.max_batch_wait_ms))),
+            max_queue_images=number("MAX_QUEUE_IMAGES", defaults.max_queue_images),
         )
 
 
