@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,7 @@ class Backbone:
     spec: BackboneSpec
     model: object  # keras.Model
     weights_id: str
+    precision: str = "float32"
 
     @property
     def id(self) -> str:
@@ -125,19 +127,52 @@ def _imagenet_weights_path(include_top: bool, keras_home: Path) -> str:
         ) from None
 
 
-def build_backbone(spec: BackboneSpec = BackboneSpec(), keras_home: Path | None = None):
-    """Build the frozen VGG19 feature extractor for `spec`."""
+def bfloat16_supported() -> bool:
+    """Whether this machine runs bfloat16 convolutions natively (a GPU, or a CPU with AVX512-BF16/AMX)."""
     import keras
 
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_physical_devices("GPU"):
+            return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_POLICY_LOCK = threading.Lock()
+
+
+def _vgg19(spec: BackboneSpec, precision: str):
+    """Construct VGG19 with random weights; bfloat16 computes in bfloat16 and keeps float32 weights."""
+    import keras
+
+    with _POLICY_LOCK:  # the dtype policy is global while layers are created
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+        try:
+            return keras.applications.VGG19(
+                include_top=spec.include_top,
+                weights=None,
+                input_shape=(spec.image_size, spec.image_size, 3),
+                pooling=None if spec.include_top else "avg",
+            )
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+
+def build_backbone(spec: BackboneSpec = BackboneSpec(), keras_home: Path | None = None, precision: str = "float32"):
+    """Build the frozen VGG19 feature extractor for `spec`, computing in `precision`."""
+    import keras
+
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be 'float32' or 'bfloat16', received: {precision!r}")
     keras_home = keras_home or Path("~/.keras").expanduser()
     wid = weights_id(spec.weights)
-    size = spec.image_size
-    model = keras.applications.VGG19(
-        include_top=spec.include_top,
-        weights=None,
-        input_shape=(size, size, 3),
-        pooling=None if spec.include_top else "avg",
-    )
+    model = _vgg19(spec, precision)
     if spec.weights == "none":
         _seeded_random_init(model)
     else:
@@ -152,10 +187,10 @@ def build_backbone(spec: BackboneSpec = BackboneSpec(), keras_home: Path | None 
     if spec.include_top:
         model = keras.Model(model.input, model.get_layer("fc2").output, name="vgg19_fc2")
     model.trainable = False
-    return Backbone(spec=spec, model=model, weights_id=wid)
+    return Backbone(spec=spec, model=model, weights_id=wid, precision=precision)
 
 
 @functools.lru_cache(maxsize=4)
-def shared_backbone(spec: BackboneSpec, keras_home: Path | None = None) -> Backbone:
+def shared_backbone(spec: BackboneSpec, keras_home: Path | None = None, precision: str = "float32") -> Backbone:
     """Build a backbone once per process and reuse it (it is frozen, so sharing is safe)."""
-    return build_backbone(spec, keras_home)
+    return build_backbone(spec, keras_home, precision)

@@ -54,6 +54,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     add("--freeze-first", type=int, help="instead: unfreeze all layers but the first N")
     add("--no-augment", dest="augment", action="store_false", default=None,
         help="no flip/rotation/zoom while fine-tuning")
+    add("--fine-tune-keep", choices=("better", "always"),
+        help="better (default): keep the fine-tuned model only if it beats the head on validation")
 
 
 def build_parser() -> argparse.ArgumentParser:

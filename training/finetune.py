@@ -35,6 +35,7 @@ class FineTuneParams:
     freeze_first: int | None = None  # or: all layers but the first N, as in the classic recipe
     augment: bool = True
     patience: int = 3
+    keep: str = "better"  # better: keep it only if it beats the head on validation; always
 
     def __post_init__(self) -> None:
         if not 1 <= self.unfreeze_blocks <= len(VGG19_BLOCKS):
@@ -43,6 +44,8 @@ class FineTuneParams:
             raise ValueError(f"freeze_first must be 0 or more, received: {self.freeze_first!r}")
         if not 1 <= self.epochs <= 1000:
             raise ValueError(f"fine_tune_epochs must be 1 to 1000, received: {self.epochs!r}")
+        if self.keep not in ("better", "always"):
+            raise ValueError(f"fine_tune_keep must be 'better' or 'always', received: {self.keep!r}")
         if not 0 < self.learning_rate <= 1:
             raise ValueError(f"fine_tune_learning_rate must be in (0, 1], received: {self.learning_rate!r}")
 
@@ -112,13 +115,16 @@ def fine_tune(backbone_model, head: keras.Model, image_size: int, n_classes: int
     backbone_copy = keras.models.clone_model(backbone_model)
     backbone_copy.set_weights(backbone_model.get_weights())
     unfrozen = set_trainable_layers(backbone_copy, params)
-    model = build_whole_model(backbone_copy, head, image_size)
+    head_copy = keras.models.clone_model(head)  # the head-only model stays as it was, as a fallback
+    head_copy.set_weights(head.get_weights())
+    model = build_whole_model(backbone_copy, head_copy, image_size)
     trainer = model
     if params.augment:
         inputs = keras.Input((image_size, image_size, 3), name="pixels")
         trainer = keras.Model(inputs, model(augmentation()(inputs)), name="finetune_trainer")
-    # Recompile after changing `trainable`, with a low learning rate.
-    trainer.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate),
+    # Recompile after changing `trainable`, with a low learning rate; clipping keeps one
+    # large gradient from undoing pretrained layers.
+    trainer.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate, clipnorm=1.0),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy", top_k_metric(n_classes)])
     train_batches = ImageBatches(train[0], train[1], image_size, params.batch_size, shuffle=True)
     val_batches = ImageBatches(val[0], val[1], image_size, params.batch_size, shuffle=False)

@@ -64,18 +64,19 @@ class HeadParams:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.optimizer]
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9):
-    """Build a Keras optimizer by its short name."""
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9, clipnorm: float | None = None):
+    """Build a Keras optimizer by its short name (optionally clipping each gradient's norm)."""
+    clip = {"clipnorm": clipnorm} if clipnorm else {}
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate)
+        return keras.optimizers.SGD(learning_rate, **clip)
     if name in ("momentum", "nesterov"):
-        return keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=name == "nesterov")
+        return keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=name == "nesterov", **clip)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate)
+        return keras.optimizers.RMSprop(learning_rate, **clip)
     if name == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate)
+        return keras.optimizers.Adagrad(learning_rate, **clip)
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, **clip)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, received: {name!r}")
 
 

@@ -38,6 +38,7 @@ OPTIONS: dict[str, tuple[type, str, str]] = {
     "unfreeze_blocks": (int, "fine_tune", "unfreeze_blocks"),
     "freeze_first": (int, "fine_tune", "freeze_first"),
     "augment": (bool, "fine_tune", "augment"),
+    "fine_tune_keep": (str, "fine_tune", "keep"),
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from training.backbone import BackboneSpec, backbone_id, shared_backbone, weights_id
-from training.evaluate import evaluate
+from training.evaluate import evaluate, summary_scores
 from training.features import FeatureCache, extract_features
 from training.finetune import FineTuneParams, ImageBatches, fine_tune
 from training.head import HeadParams, head_probabilities, train_head
@@ -146,23 +146,28 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
                                    len(classes), params.head, progress, cancel)
         lap("head")
 
-        model, kind, fine_tune_history, unfrozen = head, "head", {}, []
+        model, kind, fine_tune_history, unfrozen, fine_tune_report = head, "head", {}, [], None
         paths = [item.path for item in dataset.items]
+        probabilities = head_probabilities(head, features[val_idx])
         if params.fine_tune:
-            model, fine_tune_history, unfrozen = fine_tune(
+            tuned, fine_tune_history, unfrozen = fine_tune(
                 get_backbone().model, head, spec.image_size, len(classes),
                 ([paths[i] for i in train_idx], labels[train_idx]), ([paths[i] for i in val_idx], labels[val_idx]),
                 params.fine_tune, progress, cancel)
-            kind = "full"
             lap("fine-tune")
-
-        progress(Progress("evaluate", 0, 1))
-        if kind == "head":
-            probabilities = head_probabilities(head, features[val_idx])
-        else:
             val_batches = ImageBatches([paths[i] for i in val_idx], labels[val_idx], spec.image_size,
                                        params.fine_tune.batch_size, shuffle=False)
-            probabilities = model.predict(val_batches, verbose=0)
+            tuned_probabilities = tuned.predict(val_batches, verbose=0)
+            head_accuracy = summary_scores(probabilities, labels[val_idx])["accuracy"]
+            tuned_accuracy = summary_scores(tuned_probabilities, labels[val_idx])["accuracy"]
+            # Fine-tuning can overfit a small dataset; keep whichever validates better
+            # (the head on a tie: it shares the backbone and is cheaper to serve).
+            kept = params.fine_tune.keep == "always" or tuned_accuracy > head_accuracy
+            fine_tune_report = {"kept": kept, "head_accuracy": head_accuracy, "fine_tuned_accuracy": tuned_accuracy}
+            if kept:
+                model, kind, probabilities = tuned, "full", tuned_probabilities
+
+        progress(Progress("evaluate", 0, 1))
         metrics = evaluate(probabilities, labels[val_idx], classes)
         progress(Progress("evaluate", 1, 1))
         lap("evaluate")
@@ -184,7 +189,8 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
         "backbone": {"id": backbone_id(spec, weights_id(spec.weights)), "architecture": "VGG19",
                      "weights": weights_id(spec.weights), "feature_layer": spec.feature_layer,
                      "feature_dim": spec.feature_dim, "image_size": spec.image_size,
-                     "fine_tuned_layers": unfrozen},
+                     "fine_tuned_layers": unfrozen if kind == "full" else []},
+        "fine_tune": fine_tune_report,
         "preprocessing": PREPROCESSING,
         "history": {"head": history, "fine_tune": fine_tune_history},
         "features_computed": computed,

@@ -55,7 +55,7 @@ def load_version(store: ModelStore, name: str, version: int | None = None) -> Lo
                        metadata=store.metadata(name, version), keras_model=store.load_keras_model(name, version))
 
 
-def backbone_for(model: LoadedModel, settings: Settings):
+def backbone_for(model: LoadedModel, settings: Settings, precision: str = "float32"):
     """The shared backbone a head-only model needs, checked against the one it was trained on."""
     stored = model.metadata["backbone"]
     spec = BackboneSpec(settings.backbone_weights, stored["feature_layer"], stored["image_size"])
@@ -65,7 +65,7 @@ def backbone_for(model: LoadedModel, settings: Settings):
             f"model {model.name!r} v{model.version} was trained on backbone {stored['id']}, "
             f"but BACKBONE_WEIGHTS={settings.backbone_weights} gives {current}"
         )
-    return shared_backbone(spec, settings.keras_home)
+    return shared_backbone(spec, settings.keras_home, precision)
 
 
 def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict]:

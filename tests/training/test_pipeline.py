@@ -123,11 +123,14 @@ def test_fine_tune_saves_a_whole_model_and_leaves_the_shared_backbone_frozen(sma
     pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32) * 50
     before = backbone.features(pixels)
 
-    params = parse_options(FAST | {"fine_tune": True, "fine_tune_epochs": 2, "unfreeze_blocks": 2})
+    params = parse_options(FAST | {"fine_tune": True, "fine_tune_epochs": 2, "unfreeze_blocks": 2,
+                                   "fine_tune_keep": "always"})
     result = train(small_digits_dir, "tuned", settings, params)
 
     metadata = ModelStore(settings.model_dir).metadata("tuned", result.version)
     assert metadata["kind"] == "full"
+    assert metadata["fine_tune"]["kept"] is True
+    assert 0 <= metadata["fine_tune"]["head_accuracy"] <= 1
     assert (settings.model_dir / "tuned" / "1" / "model.keras").is_file()
     assert (settings.model_dir / "tuned" / "1" / "plots" / "fine_tune.png").is_file()
     assert {"block5_conv1", "block4_conv4"} <= set(metadata["backbone"]["fine_tuned_layers"])
@@ -140,6 +143,20 @@ def test_fine_tune_saves_a_whole_model_and_leaves_the_shared_backbone_frozen(sma
     assert loaded.kind == "full"
     _, answers = predict_files(settings, "tuned", sorted((small_digits_dir / "one").glob("*.png"))[:3])
     assert all(a["label"] in ("zero", "one", "two") for a in answers)
+
+
+def test_a_fine_tune_that_does_not_beat_the_head_keeps_the_head(small_digits_dir, settings):
+    # Random VGG19 weights make fine-tuning unstable: a learning rate this high ruins the
+    # features, so the run must fall back to the head it trained first.
+    params = parse_options(FAST | {"epochs": 20, "fine_tune": True, "fine_tune_epochs": 1,
+                                   "fine_tune_learning_rate": 0.5, "augment": False})
+    result = train(small_digits_dir, "fallback", settings, params)
+    metadata = ModelStore(settings.model_dir).metadata("fallback", result.version)
+    report = metadata["fine_tune"]
+    assert report["kept"] is False and report["fine_tuned_accuracy"] <= report["head_accuracy"]
+    assert metadata["kind"] == "head" and metadata["backbone"]["fine_tuned_layers"] == []
+    assert result.metrics["accuracy"] == report["head_accuracy"]
+    assert (settings.model_dir / "fallback" / "1" / "head.keras").is_file()
 
 
 def test_split_folders_are_used_as_given(small_digits_dir, settings, tmp_path):
