@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint bench clean
+.PHONY: run demo test lint bench clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,13 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# Until the HTTP service lands, the main job is the demo: make the sample dataset,
-# train a model on it and show predictions.
+# The prediction service under gunicorn (gunicorn.conf.py reads HOST, PORT, WEB_CONCURRENCY,
+# THREADS and the other settings from the environment).
 run: $(BIN)/.installed
+	HOST=$(HOST) PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+# The demo: make the sample dataset, train a model on it and show predictions.
+demo: $(BIN)/.installed
 	$(BIN)/python -m training demo
 
 test: $(BIN)/.installed

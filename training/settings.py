@@ -73,14 +73,15 @@ class Settings:
             value = env.get(name, "").strip()
             return value or default
 
-        def number(name: str, default: int) -> int:
+        def number(name: str, default: int, kind: type = int):
             raw = text(name, None)
             if raw is None:
                 return default
             try:
-                return int(raw)
+                return kind(raw)
             except ValueError:
-                raise ValueError(f"{name} must be a whole number, received: {raw!r}") from None
+                what = "a whole number" if kind is int else "a number"
+                raise ValueError(f"{name} must be {what}, received: {raw!r}") from None
 
         defaults = cls()
         return cls(
@@ -104,7 +105,7 @@ class Settings:
             web_concurrency=number("WEB_CONCURRENCY", defaults.web_concurrency),
             threads=number("THREADS", defaults.threads),
             max_batch_size=number("MAX_BATCH_SIZE", defaults.max_batch_size),
-            max_batch_wait_ms=float(number("MAX_BATCH_WAIT_MS", int(defaults.max_batch_wait_ms))),
+            max_batch_wait_ms=number("MAX_BATCH_WAIT_MS", defaults.max_batch_wait_ms, float),
             max_queue_images=number("MAX_QUEUE_IMAGES", defaults.max_queue_images),
         )
 

@@ -209,12 +209,14 @@ class ModelStore:
 
     def publish(self, name: str, version: int) -> None:
         """Make `version` the published one (publish or roll back), atomically."""
+        self.version_dir(name, version)  # before locking, so a missing model leaves no folder behind
         with self._lock(name):
             self.version_dir(name, version)
             self._write_published(name, version)
 
     def delete_version(self, name: str, version: int) -> None:
         """Delete a version that is not the published one."""
+        self.version_dir(name, version)
         with self._lock(name):
             path = self.version_dir(name, version)
             if self.published_version(name) == int(version):

@@ -1,0 +1,83 @@
+"""Prediction: one model, or several models on the same images (one backbone pass)."""
+
+from __future__ import annotations
+
+from flask import current_app, request
+
+from service.api.schemas import (
+    ErrorSchema,
+    InstancesSchema,
+    PredictionsSchema,
+    PredictManyQuerySchema,
+    PredictManySchema,
+    PredictQuerySchema,
+)
+from service.auth import PREDICT, role
+from service.errors import ServiceError
+from service.inputs import FIELD, model_name, read_images
+from service.openapi import Blueprint
+from service.runtime_ext import get_runtime
+
+bp = Blueprint("predict", __name__, url_prefix="/v1", description="Classify images")
+
+IMAGES_BODY = {
+    "required": True,
+    "description": f"Images as repeatable multipart file parts named `{FIELD}`, or JSON base64 instances.",
+    "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": [FIELD],
+            "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+        }},
+        "application/json": {"schema": InstancesSchema},
+    },
+}
+ERRORS = {400: "Bad input: no images, too many, an empty part, bad base64, bad query",
+          404: "No such model or version", 413: "Request too large",
+          415: "Not an image, or not multipart/JSON", 503: "Overloaded (see Retry-After) or weights missing"}
+
+
+def document_errors(view):
+    """Document the error answers every predict endpoint can give."""
+    for status, description in ERRORS.items():
+        view = bp.alt_response(status, schema=ErrorSchema, description=description)(view)
+    return view
+
+
+def request_images() -> list[bytes]:
+    """The request's images, within the per-request limit."""
+    return read_images(request, current_app.config["MAX_IMAGES_PER_REQUEST"])
+
+
+def model_names(text: str) -> list[str]:
+    """Comma-separated model names, checked, in order, without repeats."""
+    names = list(dict.fromkeys(model_name(part.strip()) for part in text.split(",") if part.strip()))
+    limit = current_app.config["MAX_MODELS_PER_REQUEST"]
+    if not names:
+        raise ServiceError("models: name at least one model, e.g. ?models=parts,defects")
+    if len(names) > limit:
+        raise ServiceError(f"models: at most {limit} models per request, received {len(names)}")
+    return names
+
+
+@bp.route("/models/<name>/predict", methods=["POST"])
+@role(PREDICT)
+@bp.arguments(PredictQuerySchema, location="query", as_kwargs=True)
+@bp.doc(requestBody=IMAGES_BODY)
+@bp.response(200, PredictionsSchema)
+@document_errors
+def predict(name: str, top_k: int, version: int | None = None):
+    """Classify images with one model (its published version unless `version` is given)."""
+    name, images = model_name(name), request_images()  # Bad input is answered before the runtime is built.
+    return get_runtime().predict(name, images, version=version, top_k=top_k)
+
+
+@bp.route("/predict", methods=["POST"])
+@role(PREDICT)
+@bp.arguments(PredictManyQuerySchema, location="query", as_kwargs=True)
+@bp.doc(requestBody=IMAGES_BODY)
+@bp.response(200, PredictManySchema)
+@document_errors
+def predict_many(models: str, top_k: int):
+    """Classify the same images with several models (published versions), sharing the backbone pass."""
+    names, images = model_names(models), request_images()
+    return get_runtime().predict_many(names, images, top_k=top_k)

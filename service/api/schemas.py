@@ -1,0 +1,123 @@
+"""Marshmallow schemas of the API: they validate input and document the OpenAPI spec."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+MAX_TOP_K = 100
+
+
+class ErrorDetailSchema(Schema):
+    code = fields.String(required=True, metadata={"example": "not_found"})
+    message = fields.String(required=True, metadata={"example": "no model named 'cats'"})
+
+
+class ErrorSchema(Schema):
+    """Every error answer: `{"error": {"code", "message"}}`."""
+
+    error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, metadata={"example": "ok"})
+
+
+class ReadinessSchema(Schema):
+    status = fields.String(required=True, metadata={"description": "`ready` or `not_ready`"})
+    checks = fields.Dict(keys=fields.String(), values=fields.String(),
+                         metadata={"description": "component → `ok` or the reason it is not ready"})
+    error = fields.Nested(ErrorDetailSchema, metadata={"description": "present when not ready"})
+
+
+class ModelSummarySchema(Schema):
+    name = fields.String(required=True)
+    versions = fields.List(fields.Integer(), required=True)
+    published = fields.Integer(allow_none=True, metadata={"description": "published version, or null"})
+    classes = fields.List(fields.String(), metadata={"description": "classes of the published (else latest) version"})
+    accuracy = fields.Float(allow_none=True, metadata={"description": "validation accuracy of the published version"})
+    url = fields.String()
+
+
+class ModelListSchema(Schema):
+    models = fields.List(fields.Nested(ModelSummarySchema), required=True)
+
+
+class VersionSchema(Schema):
+    """One stored version: its metadata.json, with its number, publish state and plot URLs."""
+
+    version = fields.Integer(required=True)
+    published = fields.Boolean(required=True)
+    name = fields.String()
+    kind = fields.String(metadata={"description": "`head` (shared backbone) or `full` (fine-tuned)"})
+    classes = fields.List(fields.String())
+    metrics = fields.Dict()
+    params = fields.Dict()
+    dataset = fields.Dict()
+    backbone = fields.Dict()
+    preprocessing = fields.Raw()
+    history = fields.Dict()
+    features_computed = fields.Integer()
+    library_versions = fields.Dict()
+    created = fields.String()
+    training_seconds = fields.Float()
+    timings = fields.Dict()
+    plots = fields.Dict(keys=fields.String(), values=fields.String(),
+                        metadata={"description": "plot file name → URL of the PNG"})
+
+
+class ModelSchema(Schema):
+    name = fields.String(required=True)
+    published = fields.Integer(allow_none=True)
+    versions = fields.List(fields.Nested(VersionSchema), required=True)
+
+
+class PublishSchema(Schema):
+    version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+
+
+class PublishedSchema(Schema):
+    name = fields.String(required=True)
+    published = fields.Integer(required=True)
+
+
+class PredictQuerySchema(Schema):
+    top_k = fields.Integer(load_default=3, validate=validate.Range(min=1, max=MAX_TOP_K),
+                           metadata={"description": "how many classes to list per image"})
+    version = fields.Integer(validate=validate.Range(min=1),
+                             metadata={"description": "model version (default: the published one)"})
+
+
+class PredictManyQuerySchema(Schema):
+    models = fields.String(required=True, validate=validate.Length(min=1),
+                           metadata={"description": "comma-separated model names", "example": "parts,defects"})
+    top_k = fields.Integer(load_default=3, validate=validate.Range(min=1, max=MAX_TOP_K))
+
+
+class InstanceSchema(Schema):
+    b64 = fields.String(required=True, metadata={"description": "the image file's bytes, base64-encoded"})
+
+
+class InstancesSchema(Schema):
+    """JSON predict body: `{"instances": [{"b64": "..."}]}`."""
+
+    instances = fields.List(fields.Nested(InstanceSchema), required=True)
+
+
+class LabelSchema(Schema):
+    label = fields.String(required=True)
+    probability = fields.Float(required=True)
+
+
+class PredictionSchema(LabelSchema):
+    top_k = fields.List(fields.Nested(LabelSchema), required=True)
+
+
+class PredictionsSchema(Schema):
+    model = fields.String(required=True)
+    version = fields.Integer(required=True)
+    predictions = fields.List(fields.Nested(PredictionSchema), required=True,
+                              metadata={"description": "one per image, in input order"})
+
+
+class PredictManySchema(Schema):
+    results = fields.List(fields.Nested(PredictionsSchema), required=True, metadata={"description": "one per model"})

@@ -1,0 +1,97 @@
+"""The images of a predict request: multipart parts named `image`, or JSON `{"instances": [{"b64"}]}`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from flask import Request
+from marshmallow import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from service.api.schemas import InstancesSchema
+from service.errors import ServiceError, readable
+from training.store import validate_name
+
+MULTIPART, JSON = "multipart/form-data", "application/json"
+FIELD = "image"
+
+
+def read_images(req: Request, limit: int) -> list[bytes]:
+    """Return the request's images as bytes, in order; at least one and at most `limit`."""
+    if req.mimetype == MULTIPART:
+        return multipart_images(req, limit)
+    if req.mimetype == JSON:
+        return json_images(req, limit)
+    raise ServiceError(f"send multipart/form-data with file field '{FIELD}', or application/json with "
+                       f"'instances'; received Content-Type {req.mimetype or 'none'}", 415)
+
+
+def check_count(count: int, limit: int, hint: str) -> None:
+    """Refuse no images, or more than `limit`."""
+    if count == 0:
+        raise ServiceError(f"no images: {hint}")
+    if count > limit:
+        raise ServiceError(f"too many images: at most {limit} per request, received {count}")
+
+
+def multipart_images(req: Request, limit: int) -> list[bytes]:
+    """The bytes of the repeatable file field `image`."""
+    parts = req.files.getlist(FIELD)
+    check_count(len(parts), limit, f"send one or more file parts named '{FIELD}'")
+    images = []
+    for index, part in enumerate(parts):
+        data = part.read()
+        if not data:
+            raise ServiceError(f"{FIELD}[{index}] is empty")
+        images.append(data)
+    return images
+
+
+def json_images(req: Request, limit: int) -> list[bytes]:
+    """The decoded `instances[i].b64` strings of a JSON body."""
+    read_body(req)
+    body = req.get_json(silent=True)  # Parses the body read above.
+    if body is None:
+        raise ServiceError("the request body is not valid JSON")
+    if not isinstance(body, dict):
+        raise ServiceError('the JSON body must be an object: {"instances": [{"b64": "..."}]}')
+    if isinstance(body.get("instances"), list):  # Count first: one "too many" beats a list of field errors.
+        check_count(len(body["instances"]), limit, 'send {"instances": [{"b64": "..."}]}')
+    try:
+        instances = InstancesSchema().load(body)["instances"]
+    except ValidationError as exc:
+        raise ServiceError(f"bad JSON body: {readable(exc.messages)}") from None
+    return [decode_b64(instance["b64"], index) for index, instance in enumerate(instances)]
+
+
+def read_body(req: Request) -> bytes:
+    """The whole body; a streamed (chunked) body over MAX_CONTENT_LENGTH is a 413."""
+    data = req.get_data(cache=True)
+    limit = req.max_content_length
+    # Without Content-Length, werkzeug stops reading at the limit and returns what it has,
+    # silently cut: one more byte from the server's stream tells a cut body from a whole one.
+    if req.content_length is None and limit is not None and len(data) >= limit and req.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    return data
+
+
+def decode_b64(text: str, index: int) -> bytes:
+    """Decode one base64 image (line breaks and a `data:...;base64,` prefix are allowed)."""
+    if text.startswith("data:") and "," in text:
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ServiceError(f"instances[{index}].b64 is not valid base64") from None
+    if not data:
+        raise ServiceError(f"instances[{index}].b64 is empty")
+    return data
+
+
+def model_name(name: str) -> str:
+    """Check a model name from the URL or query; a malformed one is a 400 naming the rule."""
+    try:
+        return validate_name(name)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None

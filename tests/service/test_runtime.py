@@ -1,0 +1,203 @@
+"""The prediction runtime and its micro-batcher, on real tiny models."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher
+from service.errors import Overloaded
+from service.runtime import ModelRuntime
+from training.demo import write_digits_dataset
+from training.errors import ImageError, ModelNotFoundError, UnsupportedImageError
+from training.options import parse_options
+from training.pipeline import train
+from training.predict import predict_files
+from training.settings import Settings
+
+# --- micro-batcher ----------------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_get_their_own_answers_in_shared_batches():
+    sizes = []
+
+    def forward(rows):
+        sizes.append(len(rows))
+        time.sleep(0.01)
+        return rows * 2
+
+    batcher = MicroBatcher(forward, max_batch_size=16, max_wait_ms=20, max_queue_rows=1000)
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            inputs = [np.full((1 + i % 3, 4), i, np.float32) for i in range(64)]
+            outputs = list(pool.map(batcher.submit, inputs))
+    finally:
+        batcher.close()
+    for rows, out in zip(inputs, outputs):
+        np.testing.assert_array_equal(out, rows * 2)
+    assert max(sizes) > 1 and max(sizes) <= 16
+    assert len(sizes) < 64
+
+
+def test_an_oversized_request_is_split_into_max_size_forwards():
+    sizes = []
+    batcher = MicroBatcher(lambda rows: sizes.append(len(rows)) or rows + 1, max_batch_size=4, max_wait_ms=0)
+    try:
+        out = batcher.submit(np.arange(10, dtype=np.float32)[:, None])
+    finally:
+        batcher.close()
+    assert sizes == [4, 4, 2]
+    np.testing.assert_array_equal(out[:, 0], np.arange(10) + 1)
+
+
+def test_a_full_queue_answers_overloaded_at_once():
+    release = threading.Event()
+
+    def slow(rows):
+        release.wait(10)
+        return rows
+
+    batcher = MicroBatcher(slow, max_batch_size=1, max_wait_ms=0, max_queue_rows=2)
+    pool = ThreadPoolExecutor(4)
+    try:
+        running = pool.submit(batcher.submit, np.zeros((1, 1)))  # taken by the worker, blocked in forward
+        time.sleep(0.1)
+        queued = [pool.submit(batcher.submit, np.zeros((1, 1))) for _ in range(2)]
+        time.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as info:
+            batcher.submit(np.zeros((1, 1)))
+        assert time.monotonic() - started < 0.05
+        assert info.value.status == 503 and info.value.headers["Retry-After"]
+        release.set()
+        assert running.result(5).shape == (1, 1)
+        assert all(f.result(5).shape == (1, 1) for f in queued)
+    finally:
+        release.set()
+        pool.shutdown()
+        batcher.close()
+
+
+def test_a_failing_forward_fails_its_batch_and_the_thread_lives_on():
+    calls = []
+
+    def flaky(rows):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return rows
+
+    batcher = MicroBatcher(flaky, max_batch_size=4, max_wait_ms=0)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            batcher.submit(np.zeros((1, 1)))
+        assert batcher.submit(np.ones((1, 1)))[0, 0] == 1
+    finally:
+        batcher.close()
+
+
+# --- runtime on real models -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Two head-only models on the same 32 px backbone, trained on real digits."""
+    root = tmp_path_factory.mktemp("runtime")
+    data = root / "digits"
+    write_digits_dataset(data, image_size=32, per_class=12, classes=3)
+    settings = Settings(model_dir=root / "models", data_dir=root / "data", backbone_weights="none",
+                        max_batch_wait_ms=2)
+    params = parse_options({"image_size": 32, "epochs": 5})
+    train(data, "digits", settings, params)
+    train(data, "other", settings, parse_options({"image_size": 32, "epochs": 3, "optimizer": "adam"}))
+    images = sorted(data.glob("*/*.png"))[::4]
+    runtime = ModelRuntime(settings)
+    yield settings, runtime, images
+    runtime.close()
+
+
+def test_api_probabilities_equal_offline_predictions(served):
+    settings, runtime, images = served
+    answer = runtime.predict("digits", [p.read_bytes() for p in images], top_k=3)
+    _, offline = predict_files(settings, "digits", images, top_k=3)
+    assert answer["model"] == "digits" and answer["version"] == 1
+    assert len(answer["predictions"]) == len(images)
+    for online, expected in zip(answer["predictions"], offline):
+        assert [t["label"] for t in online["top_k"]] == [t["label"] for t in expected["top_k"]]
+        for a, b in zip(online["top_k"], expected["top_k"]):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+
+
+def test_concurrent_predictions_are_each_right(served):
+    _, runtime, images = served
+    expected = {p: runtime.predict("digits", [p.read_bytes()])["predictions"][0]["label"] for p in images}
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda p: (p, runtime.predict("digits", [p.read_bytes()])), images * 4))
+    for path, answer in answers:
+        assert answer["predictions"][0]["label"] == expected[path]
+
+
+def test_many_models_share_one_backbone_pass(served, monkeypatch):
+    _, runtime, images = served
+    runtime.predict("digits", [images[0].read_bytes()])  # batcher exists
+    batcher = next(b for key, b in runtime._batchers.items() if key[0] == "backbone")
+    calls = []
+    original = batcher.submit
+    monkeypatch.setattr(batcher, "submit", lambda rows: calls.append(len(rows)) or original(rows))
+    result = runtime.predict_many(["digits", "other"], [p.read_bytes() for p in images[:3]])
+    assert [r["model"] for r in result["results"]] == ["digits", "other"]
+    assert calls == [3]
+    single = runtime.predict("other", [p.read_bytes() for p in images[:3]])
+    assert single["predictions"] == result["results"][1]["predictions"]
+
+
+def test_a_new_published_version_is_served_without_restart(served):
+    settings, runtime, images = served
+    before = runtime.predict("digits", [images[0].read_bytes()])
+    data = images[0].parent.parent
+    version = train(data, "digits", settings, parse_options({"image_size": 32, "epochs": 2, "publish": "always"}))
+    after = runtime.predict("digits", [images[0].read_bytes()])
+    assert after["version"] == version.version != before["version"]
+    runtime.store.publish("digits", before["version"])  # roll back
+    assert runtime.predict("digits", [images[0].read_bytes()])["version"] == before["version"]
+    assert runtime.predict("digits", [images[0].read_bytes()], version=version.version)["version"] == version.version
+
+
+def test_bad_images_name_their_position(served):
+    _, runtime, images = served
+    with pytest.raises(UnsupportedImageError, match="image 1"):
+        runtime.predict("digits", [images[0].read_bytes(), b"%PDF-1.4 not an image"])
+    with pytest.raises(ImageError, match="image 0: empty"):
+        runtime.predict("digits", [b""])
+    with pytest.raises(ModelNotFoundError):
+        runtime.predict("nope", [images[0].read_bytes()])
+    with pytest.raises(ModelNotFoundError):
+        runtime.predict("digits", [images[0].read_bytes()], version=99)
+
+
+def test_bfloat16_agrees_with_float32(served):
+    settings, runtime, images = served
+    import dataclasses
+
+    fast = ModelRuntime(dataclasses.replace(settings, precision="bfloat16"))
+    try:
+        data = [p.read_bytes() for p in images]
+        reference = runtime.predict("digits", data)["predictions"]
+        reduced = fast.predict("digits", data)["predictions"]
+    finally:
+        fast.close()
+    agree = np.mean([a["label"] == b["label"] for a, b in zip(reference, reduced)])
+    assert agree >= 0.9, agree
+    assert fast.precision in ("bfloat16", "float32")
+
+
+def test_readiness_reports_each_component(served, tmp_path):
+    _, runtime, _ = served
+    assert runtime.readiness() == {"backbone": "ok"}
+    broken = ModelRuntime(Settings(model_dir=tmp_path / "absent", backbone_weights=str(tmp_path / "w.h5")))
+    assert "not found" in broken.readiness()["backbone"]
+    broken.close()
