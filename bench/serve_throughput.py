@@ -156,11 +156,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     data = work / "digits"
-    write_digits_dataset(data, image_size=args.image_size, per_class=8, classes=4)
+    write_digits_dataset(data, image_size=args.image_size, per_class=24, classes=4)
     settings = Settings(model_dir=work / "models", data_dir=work / "data", backbone_weights="none")
     for index in range(20):  # 20 head-only models; after the first, features come from the cache
-        train(data, f"m{index}", settings, parse_options({"image_size": args.image_size, "epochs": 3}))
-    payloads = jpeg_files(data, work / "jpeg", 32)
+        epochs = 20 if index == 0 else 3
+        train(data, f"m{index}", settings, parse_options({"image_size": args.image_size, "epochs": epochs}))
+    payloads = jpeg_files(data, work / "jpeg", 96)
     env = {"MODEL_DIR": str(settings.model_dir), "DATA_DIR": str(settings.data_dir), "BACKBONE_WEIGHTS": "none",
            "MAX_BATCH_SIZE": "16", "MAX_BATCH_WAIT_MS": "5"}
     print(f"{args.image_size} px, {args.seconds:.0f} s per load level, 1 gunicorn worker (gthread)", flush=True)
