@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run demo test lint bench clean
+.PHONY: run demo test test-torch bench bench-serve clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,18 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	BACKBONE_WEIGHTS=none $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The training library under Keras' PyTorch backend (the GPU hosts have PyTorch and JAX, not
+# TensorFlow). TORCH names the CPU build: on this project's machines pip finds torch 2.13.0 locally.
+TORCH ?= torch==2.13.0
+test-torch: $(BIN)/.installed
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
+	KERAS_BACKEND=torch BACKBONE_WEIGHTS=none $(BIN)/python -m pytest tests/training $(PYTEST_ARGS)
+
 bench: $(BIN)/.installed
 	BACKBONE_WEIGHTS=none $(BIN)/python bench/train_speed.py
+
+bench-serve: $(BIN)/.installed
+	BACKBONE_WEIGHTS=none $(BIN)/python bench/serve_throughput.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from training.backbone import BackboneSpec, backbone_id, shared_backbone, weights_id
-from training.errors import TrainingError
+from training.errors import TrainingError, WeightsError
 from training.evaluate import evaluate
 from training.features import FeatureCache, extract_features
 from training.finetune import ImageBatches
@@ -61,7 +61,7 @@ def backbone_for(model: LoadedModel, settings: Settings, precision: str = "float
     spec = BackboneSpec(settings.backbone_weights, stored["feature_layer"], stored["image_size"])
     current = backbone_id(spec, weights_id(spec.weights))
     if current != stored["id"]:
-        raise TrainingError(
+        raise WeightsError(
             f"model {model.name!r} v{model.version} was trained on backbone {stored['id']}, "
             f"but BACKBONE_WEIGHTS={settings.backbone_weights} gives {current}"
         )
