@@ -11,6 +11,7 @@ request without a restart, and no request mixes two versions.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from training.settings import Settings
 from training.store import ModelStore
 
 MAX_CACHED_MODELS = 256
+logger = logging.getLogger(__name__)
 
 
 class ModelRuntime:
@@ -38,7 +40,8 @@ class ModelRuntime:
         self.store = ModelStore(settings.model_dir)
         self.precision = settings.precision
         if self.precision == "bfloat16" and not bfloat16_supported():
-            self.precision = "float32"  # readiness() says so
+            logger.warning("PRECISION=bfloat16, but this hardware has no native bfloat16: running float32")
+            self.precision = "float32"
         self._models: collections.OrderedDict[tuple[str, int], LoadedModel] = collections.OrderedDict()
         self._batchers: dict[tuple, MicroBatcher] = {}
         self._lock = threading.Lock()
@@ -134,10 +137,7 @@ class ModelRuntime:
 
     def readiness(self) -> dict[str, str]:
         """Each component's state: 'ok' or why it is not ready."""
-        checks = {"backbone": backbone_weights_problem(self.settings) or "ok"}
-        if self.settings.precision != self.precision:
-            checks["precision"] = "ok (bfloat16 not supported by this hardware: running float32)"
-        return checks
+        return {"backbone": backbone_weights_problem(self.settings) or "ok"}
 
     def close(self) -> None:
         """Stop the batching threads."""
