@@ -85,8 +85,15 @@ def weights_id(weights: str) -> str:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(f"BACKBONE_WEIGHTS file not found: {path}")
+    stat = path.stat()
+    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Hash a weights file once per (path, size, mtime): serving asks for the id on every request."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return f"file{digest.hexdigest()[:12]}"

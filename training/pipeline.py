@@ -133,7 +133,8 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
         classes = dataset.classes
         labels = np.array([classes.index(item.label) for item in dataset.items])
         train_idx, val_idx = split_indices(dataset, labels, params.val_split, params.seed)
-        cache = FeatureCache(settings.feature_cache_dir, backbone_id(spec, weights_id(spec.weights)))
+        weights = weights_id(spec.weights)
+        cache = FeatureCache(settings.feature_cache_dir, backbone_id(spec, weights))
 
         def get_backbone():
             return shared_backbone(spec, settings.keras_home)
@@ -186,8 +187,8 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
         "dataset": {key: report[key] for key in ("id", "classes", "images", "train_images", "val_images", "split")}
         | {"skipped": len(report["skipped"]), "duplicates": len(report["duplicates"]),
            "conflicts": len(report["conflicts"])},
-        "backbone": {"id": backbone_id(spec, weights_id(spec.weights)), "architecture": "VGG19",
-                     "weights": weights_id(spec.weights), "feature_layer": spec.feature_layer,
+        "backbone": {"id": backbone_id(spec, weights), "architecture": "VGG19",
+                     "weights": weights, "feature_layer": spec.feature_layer,
                      "feature_dim": spec.feature_dim, "image_size": spec.image_size,
                      "fine_tuned_layers": unfrozen if kind == "full" else []},
         "fine_tune": fine_tune_report,
