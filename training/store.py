@@ -41,7 +41,8 @@ def validate_name(name: str) -> str:
     return name
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -61,15 +62,16 @@ def write_json_atomic(path: Path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` to disk."""
     for folder, _, files in os.walk(root):
         for name in files:
             with open(os.path.join(folder, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        _fsync_dir(Path(folder))
+        fsync_dir(Path(folder))
 
 
 class ModelStore:
@@ -169,7 +171,7 @@ class ModelStore:
             (staging / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
             (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False),
                                                    encoding="utf-8")
-            _fsync_tree(staging)
+            fsync_tree(staging)
             with self._lock(name):
                 version = self._rename_into_place(staging, folder)
                 published = self._should_publish(name, metadata, publish)
@@ -191,7 +193,7 @@ class ModelStore:
                     raise
                 version += 1  # Taken by a writer that did not hold the lock: try the next number.
                 continue
-            _fsync_dir(folder)
+            fsync_dir(folder)
             return version
 
     def _should_publish(self, name: str, metadata: dict, policy: str) -> bool:
