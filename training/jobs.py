@@ -1,0 +1,288 @@
+"""Durable training-job records shared by the API process and the training workers.
+
+A job moves `queued -> running -> succeeded | failed | cancelled` (or `queued -> cancelled`).
+Every transition is one guarded `UPDATE ... WHERE status IN (...)`, so two processes racing
+(a redelivered Celery message, a reconciler and a late worker) cannot both start a job or
+overwrite a final state: the database decides, and the loser sees that it lost.
+
+SQLite (the default, under `DATA_DIR`) runs in WAL mode with a busy timeout so several
+processes on one machine can share it; `DATABASE_URL` points it at PostgreSQL instead.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from training.errors import TrainingError
+from training.settings import Settings
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
+ACTIVE_STATUSES = (QUEUED, RUNNING)
+# How long a SQLite writer waits for another process's write lock before giving up.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+class JobNotFoundError(TrainingError):
+    """A job id that is not in the job store."""
+
+    status = 404
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """A timezone-aware UTC timestamp on every backend (SQLite keeps no zone, so add it back)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        """Store the value in UTC; naive values are refused rather than guessed."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"timestamps must be timezone-aware, received: {value!r}")
+        value = value.astimezone(UTC)
+        # SQLite compares timestamps as text, so every value must be written in the same zone, without it.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        """Return the value as an aware UTC datetime."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("dataset", sa.String(255), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("progress", sa.JSON, nullable=True),
+    sa.Column("result", sa.JSON, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("worker", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=True),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Column("heartbeat_at", UTCDateTime, nullable=True),
+    sa.Index("ix_jobs_status_created_at", "status", "created_at"),
+)
+
+TIMESTAMPS = ("created_at", "started_at", "finished_at", "heartbeat_at")
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Turn on WAL (readers never block the writer) and wait for locks instead of failing."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    cursor.close()
+
+
+def _as_dict(row: sa.Row) -> dict:
+    """Return a job row as a JSON-able dict (ISO 8601 timestamps)."""
+    record = dict(row._mapping)
+    for name in TIMESTAMPS:
+        if record[name] is not None:
+            record[name] = record[name].isoformat()
+    record["cancel_requested"] = bool(record["cancel_requested"])
+    return record
+
+
+class JobStore:
+    """Training-job records in one SQL table, every status change guarded in SQL."""
+
+    def __init__(self, url: str, *, max_attempts: int = 3) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, received: {max_attempts}")
+        self.max_attempts = max_attempts
+        self.engine = self._make_engine(url)
+        self._create_table()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, max_attempts: int = 3) -> JobStore:
+        """Open the store at `DATABASE_URL`, or SQLite under `DATA_DIR` when it is unset."""
+        if settings.database_url:
+            return cls(settings.database_url, max_attempts=max_attempts)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}", max_attempts=max_attempts)
+
+    @staticmethod
+    def _make_engine(url: str) -> Engine:
+        """Build the engine, with SQLite set up for several processes."""
+        parsed = sa.make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            sa.event.listen(engine, "connect", _set_sqlite_pragmas)
+            return engine
+        # Workers hold the store for hours; a database restart must not leave them with dead connections.
+        return sa.create_engine(parsed, pool_pre_ping=True)
+
+    def _create_table(self) -> None:
+        """Create the table if it is missing."""
+        try:
+            metadata.create_all(self.engine)
+        except sa.exc.DBAPIError:
+            # Two processes starting at once can both see no table and both create it; the loser
+            # fails, and a second checked create finds the winner's table.
+            metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.engine.dispose()
+
+    def _fetch(self, conn: Connection, job_id: str) -> dict:
+        """Read one job in the caller's transaction."""
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        return _as_dict(row)
+
+    def create(self, model: str, dataset: str, params: dict | None = None) -> dict:
+        """Record a new queued job and return it."""
+        params = dict(params or {})
+        try:
+            json.dumps(params)
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"job params must be JSON-able, received: {params!r} ({exc})") from None
+        job_id = uuid.uuid4().hex
+        with self.engine.begin() as conn:
+            conn.execute(jobs.insert().values(
+                id=job_id, model=model, dataset=dataset, params=params, status=QUEUED,
+                cancel_requested=False, attempts=0, created_at=utcnow(),
+            ))
+            return self._fetch(conn, job_id)
+
+    def get(self, job_id: str) -> dict:
+        """Return one job, or raise `JobNotFoundError`."""
+        with self.engine.connect() as conn:
+            return self._fetch(conn, job_id)
+
+    def start(self, job_id: str, worker: str) -> dict | None:
+        """Move a queued job to running for `worker`; None when it is not queued (already taken, final)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.status == QUEUED)
+                .values(status=RUNNING, worker=worker, attempts=jobs.c.attempts + 1,
+                        started_at=now, heartbeat_at=now, finished_at=None)
+            ).rowcount
+            if not taken:
+                self._fetch(conn, job_id)  # raises for an unknown id; a known one just is not startable
+                return None
+            return self._fetch(conn, job_id)
+
+    def heartbeat(self, job_id: str, progress: dict | None = None) -> bool:
+        """Store a running job's progress and mark it alive; False when the job is no longer running."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if progress is not None:
+            values["progress"] = progress
+        with self.engine.begin() as conn:
+            return bool(conn.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING).values(**values)
+            ).rowcount)
+
+    def finish(self, job_id: str, status: str, result: dict | None = None, error: str | None = None) -> dict | None:
+        """Move a queued or running job to a final status; None when it already had one (never overwritten)."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"status must be one of {FINAL_STATUSES}, received: {status!r}")
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE_STATUSES))
+                .values(status=status, result=result, error=error, finished_at=utcnow())
+            ).rowcount
+            if not done:
+                self._fetch(conn, job_id)
+                return None
+            return self._fetch(conn, job_id)
+
+    def request_cancel(self, job_id: str) -> dict:
+        """Cancel a queued job now, ask a running one to stop; a finished job is returned unchanged."""
+        with self.engine.begin() as conn:
+            # The write comes first so SQLite takes its write lock before any read in this transaction.
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == QUEUED)
+                .values(status=CANCELLED, cancel_requested=True, finished_at=utcnow())
+            )
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING).values(cancel_requested=True)
+            )
+            return self._fetch(conn, job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Say whether the job should stop (the training loop polls this)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.cancel_requested, jobs.c.status).where(jobs.c.id == job_id)
+            ).first()
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        return bool(row.cancel_requested) or row.status == CANCELLED
+
+    def stale_running(self, older_than_seconds: float) -> list[dict]:
+        """Return running jobs whose last heartbeat is older than `older_than_seconds`."""
+        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs).where(jobs.c.status == RUNNING, jobs.c.heartbeat_at < cutoff)
+                .order_by(jobs.c.heartbeat_at)
+            ).all()
+        return [_as_dict(row) for row in rows]
+
+    def requeue(self, job_id: str, *, older_than_seconds: float | None = None) -> bool:
+        """Put a running job whose worker is lost back in the queue; True when it was requeued.
+
+        A job that already used `max_attempts` fails with "worker lost N times"; one whose cancel
+        was requested is cancelled. With `older_than_seconds`, a job that heartbeated since the
+        reconciler looked is left alone, so a slow but live worker is not doubled.
+        """
+        now = utcnow()
+        guard = [jobs.c.id == job_id, jobs.c.status == RUNNING]
+        if older_than_seconds is not None:
+            guard.append(jobs.c.heartbeat_at < now - timedelta(seconds=older_than_seconds))
+        with self.engine.begin() as conn:
+            conn.execute(
+                jobs.update().where(*guard, jobs.c.cancel_requested.is_(True))
+                .values(status=CANCELLED, finished_at=now)
+            )
+            conn.execute(
+                jobs.update().where(*guard, jobs.c.attempts >= self.max_attempts)
+                .values(status=FAILED, finished_at=now,
+                        error=sa.literal("worker lost ") + sa.cast(jobs.c.attempts, sa.String) + " times")
+            )
+            return bool(conn.execute(
+                jobs.update().where(*guard, jobs.c.attempts < self.max_attempts).values(status=QUEUED, worker=None)
+            ).rowcount)
+
+    # Defined last: inside the class body the name `list` is this method from here on.
+    def list(self, limit: int = 100, status: str | None = None) -> list[dict]:
+        """Return up to `limit` jobs, newest first, optionally only those with `status`."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, received: {status!r}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, received: {limit}")
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(jobs.c.status == status)
+        with self.engine.connect() as conn:
+            return [_as_dict(row) for row in conn.execute(query).all()]
