@@ -108,8 +108,13 @@ def _params_dict(params: TrainParams) -> dict:
 
 
 def train(source: str | Path, name: str, settings: Settings, params: TrainParams = TrainParams(),
-          progress: ProgressFn = no_progress, cancel: CancelFn = never_cancel) -> TrainResult:
-    """Train a model named `name` on the dataset at `source` and save it as a new version."""
+          progress: ProgressFn = no_progress, cancel: CancelFn = never_cancel,
+          job_id: str | None = None) -> TrainResult:
+    """Train a model named `name` on the dataset at `source` and save it as a new version.
+
+    `job_id` is recorded in the version's metadata, so a job that is run again after a
+    crash can find the version it already produced instead of making a second one.
+    """
     validate_name(name)
     spec = BackboneSpec(settings.backbone_weights, params.feature_layer, params.image_size)
     timings: dict[str, float] = {}
@@ -180,6 +185,7 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
                    "split": "folders" if dataset.has_split() else f"stratified {params.val_split:.0%}"})
     metadata = {
         "name": name,
+        "job": job_id,
         "kind": kind,
         "classes": classes,
         "metrics": metrics,

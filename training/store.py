@@ -152,6 +152,13 @@ class ModelStore:
             raise ModelNotFoundError(f"no model named {name!r}")
         return {"name": name, "published": self.published_version(name), "versions": versions}
 
+    def version_of_job(self, name: str, job_id: str) -> int | None:
+        """The version a training job already produced, or None."""
+        for version in self.versions(name):
+            if self.metadata(name, version).get("job") == job_id:
+                return version
+        return None
+
     def save_version(self, name: str, write_files: Callable[[Path], None], metadata: dict,
                      labels: list[str], publish: str = "auto") -> tuple[int, bool]:
         """Write a new version atomically; return its number and whether it was published.

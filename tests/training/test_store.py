@@ -104,6 +104,15 @@ def test_concurrent_saves_get_distinct_versions(tmp_path):
     assert sorted(results) == list(range(1, 17))
 
 
+def test_a_version_is_found_by_the_job_that_made_it(tmp_path):
+    store = ModelStore(tmp_path)
+    store.save_version("cats", write_head, {"job": "j1", "metrics": {"accuracy": 0.5}}, ["a"])
+    store.save_version("cats", write_head, {"job": "j2", "metrics": {"accuracy": 0.5}}, ["a"])
+    assert store.version_of_job("cats", "j2") == 2
+    assert store.version_of_job("cats", "j3") is None
+    assert store.version_of_job("dogs", "j1") is None
+
+
 def test_missing_models_and_versions(tmp_path):
     store = ModelStore(tmp_path)
     with pytest.raises(ModelNotFoundError):

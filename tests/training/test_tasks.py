@@ -1,0 +1,264 @@
+"""Training jobs through Celery: `run_job` without a broker, then real workers on Redis and on the filesystem broker."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from training.demo import write_digits_dataset
+from training.jobs import JobStore
+from training.settings import Settings
+from training.store import ModelStore
+from training.tasks import QUEUE, TASK_NAME, enqueue, make_celery, reconcile, run_job
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+DATASET_ID = "0123456789abcdef"
+PARAMS = {"image_size": 32, "epochs": 3}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_dataset(settings: Settings) -> str:
+    """Put a small digits dataset where `DatasetStore.path` finds it; return its id."""
+    write_digits_dataset(settings.datasets_dir / DATASET_ID / "data", image_size=32, per_class=8, classes=3)
+    return DATASET_ID
+
+
+@pytest.fixture
+def jobs(settings):
+    store = JobStore.from_settings(settings)
+    yield store
+    store.close()
+
+
+def test_run_job_records_version_and_metrics_once(settings, jobs):
+    job = jobs.create("digits", add_dataset(settings), PARAMS)
+
+    done = run_job(job["id"], settings, "test")
+
+    assert done["status"] == "succeeded" and done["error"] is None, done
+    assert done["result"]["version"] == 1 and done["result"]["published"] is True
+    assert set(done["result"]["metrics"]) == {"accuracy", "top_k_accuracy", "loss"}
+    assert done["progress"]["phase"] == "save" and done["worker"] == "test"
+    store = ModelStore(settings.model_dir)
+    assert store.versions("digits") == [1]
+    assert store.metadata("digits", 1)["job"] == job["id"]
+    # A redelivered message does nothing.
+    assert run_job(job["id"], settings, "again") is None
+    assert store.versions("digits") == [1]
+    assert jobs.get(job["id"])["worker"] == "test"
+
+
+def test_rerun_after_crash_reuses_the_saved_version(settings, jobs):
+    job = jobs.create("digits", add_dataset(settings), PARAMS)
+    run_job(job["id"], settings, "first")
+    # As if the worker died after saving but before recording: the job is back in the queue.
+    with jobs.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET status='queued', result=NULL WHERE id=?", (job["id"],))
+
+    done = run_job(job["id"], settings, "second")
+
+    assert done["status"] == "succeeded" and done["result"]["version"] == 1
+    assert ModelStore(settings.model_dir).versions("digits") == [1]
+
+
+def test_cancel_before_start_runs_nothing(settings, jobs):
+    job = jobs.create("digits", add_dataset(settings), PARAMS)
+    jobs.request_cancel(job["id"])
+
+    assert run_job(job["id"], settings, "test") is None
+    assert jobs.get(job["id"])["status"] == "cancelled"
+    assert ModelStore(settings.model_dir).versions("digits") == []
+
+
+def test_cancel_while_running_stops_without_a_version(settings, jobs, monkeypatch):
+    job = jobs.create("digits", add_dataset(settings), PARAMS)
+    heartbeat = JobStore.heartbeat
+
+    def heartbeat_then_cancel(self, job_id, progress=None):
+        alive = heartbeat(self, job_id, progress)
+        if progress and progress["phase"] == "head":
+            self.request_cancel(job_id)
+        return alive
+
+    monkeypatch.setattr(JobStore, "heartbeat", heartbeat_then_cancel)
+    done = run_job(job["id"], settings, "test", cancel_poll_seconds=0)
+
+    assert done["status"] == "cancelled" and done["result"] is None
+    assert ModelStore(settings.model_dir).versions("digits") == []
+
+
+@pytest.mark.parametrize(("dataset", "params", "message"), [
+    ("ffffffffffffffff", PARAMS, "no dataset with id 'ffffffffffffffff'"),
+    ("../etc", PARAMS, "dataset_id must be 16 lowercase hex characters"),
+    (DATASET_ID, {"epochs": "many"}, "epochs must be a int, received: 'many'"),
+    (DATASET_ID, {"colour": 1}, "unknown training option(s): colour"),
+])
+def test_bad_dataset_or_params_fail_with_a_clear_error(settings, jobs, dataset, params, message):
+    add_dataset(settings)
+    job = jobs.create("digits", dataset, params)
+
+    done = run_job(job["id"], settings, "test")
+
+    assert done["status"] == "failed" and message in done["error"], done["error"]
+    assert ModelStore(settings.model_dir).versions("digits") == []
+
+
+def test_unexpected_crash_is_recorded_not_raised(settings, jobs, monkeypatch):
+    job = jobs.create("digits", add_dataset(settings), PARAMS)
+    monkeypatch.setattr("training.pipeline.train", lambda *a, **k: 1 / 0)
+
+    done = run_job(job["id"], settings, "test")
+
+    assert done["status"] == "failed" and done["error"] == "internal error: ZeroDivisionError: division by zero"
+
+
+def test_make_celery_settings(settings):
+    app = make_celery(dataclasses.replace(settings, celery_broker_url=REDIS_URL))
+    conf = app.conf
+    assert conf.broker_url == REDIS_URL and conf.task_ignore_result and conf.task_acks_late
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_max_tasks_per_child == 1
+    assert conf.task_reject_on_worker_lost and conf.worker_concurrency == 1
+    assert conf.task_default_queue == QUEUE and conf.task_routes[TASK_NAME] == {"queue": QUEUE}
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit > conf.task_soft_time_limit
+
+    embedded = make_celery(settings).conf
+    assert embedded.broker_url == "filesystem://"
+    assert Path(embedded.broker_transport_options["data_folder_in"]).is_dir()
+
+
+def test_importing_tasks_does_not_import_tensorflow():
+    code = "import sys, training.tasks; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_reconcile_requeues_lost_workers_and_resends_lost_messages(settings, jobs):
+    app = make_celery(settings)
+    stale = jobs.create("digits", DATASET_ID)
+    jobs.start(stale["id"], "dead")
+    lost = jobs.create("digits", DATASET_ID)
+    fresh = jobs.create("digits", DATASET_ID)
+    with jobs.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET heartbeat_at='2000-01-01 00:00:00.000000' WHERE id=?", (stale["id"],))
+        conn.exec_driver_sql("UPDATE jobs SET created_at='2000-01-01 00:00:00.000000' WHERE id=?", (lost["id"],))
+
+    counts = reconcile(settings, app, stale_after_seconds=120, lost_after_seconds=600)
+
+    assert counts == {"requeued": 1, "given_up": 0, "resent": 1}
+    assert jobs.get(stale["id"])["status"] == "queued" and jobs.get(fresh["id"])["status"] == "queued"
+    sent = sorted(p.read_bytes() for p in Path(app.conf.broker_transport_options["data_folder_in"]).iterdir())
+    assert len(sent) == 2
+    assert any(stale["id"].encode() in body for body in sent) and any(lost["id"].encode() in body for body in sent)
+
+
+# --- real workers -------------------------------------------------------------------------------
+
+
+def worker_env(settings: Settings, broker_url: str | None) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "CELERY_BROKER_URL"}
+    env.update(MODEL_DIR=str(settings.model_dir), DATA_DIR=str(settings.data_dir), BACKBONE_WEIGHTS="none",
+               KERAS_HOME=str(settings.keras_home), DATABASE_URL=f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}",
+               TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    if broker_url:
+        env["CELERY_BROKER_URL"] = broker_url
+    return env
+
+
+def start_worker(settings: Settings, broker_url: str | None, log_file: Path) -> subprocess.Popen:
+    celery = Path(sys.executable).with_name("celery")
+    command = [str(celery), "-A", "training.tasks", "worker", "-Q", QUEUE, "--concurrency", "1", "--pool", "prefork",
+               "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", "test@%h"]
+    with log_file.open("wb") as out:
+        return subprocess.Popen(command, cwd=ROOT, env=worker_env(settings, broker_url), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """Warm shutdown by SIGTERM; kill the worker's own process group if it does not exit."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+
+
+def wait_until_final(jobs: JobStore, ids: list[str], worker: subprocess.Popen, log_file: Path,
+                     timeout: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [jobs.get(job_id) for job_id in ids]
+        if all(r["status"] in ("succeeded", "failed", "cancelled") for r in records):
+            return records
+        if worker.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"jobs not finished: {[r['status'] for r in records]}; worker log:\n"
+                        f"{log_file.read_text(errors='replace')[-4000:]}", pytrace=False)
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def redis_url():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.flushdb()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        pytest.fail(f"Redis at {REDIS_URL} does not answer (CI starts one; run redis-server locally): {exc}",
+                    pytrace=False)
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.mark.slow
+def test_real_worker_on_redis_runs_jobs_one_after_the_other(settings, redis_url, tmp_path):
+    settings = dataclasses.replace(settings, celery_broker_url=redis_url,
+                                   database_url=f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}")
+    dataset = add_dataset(settings)
+    jobs = JobStore.from_settings(settings)
+    app = make_celery(settings)
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, redis_url, log_file)
+    try:
+        ids = [jobs.create("digits", dataset, PARAMS)["id"] for _ in range(2)]
+        for job_id in ids:
+            enqueue(app, job_id)
+        first, second = wait_until_final(jobs, ids, worker, log_file)
+    finally:
+        stop_worker(worker)
+        jobs.close()
+
+    assert first["status"] == second["status"] == "succeeded", (first["error"], second["error"])
+    assert {first["result"]["version"], second["result"]["version"]} == {1, 2}
+    earlier, later = sorted([first, second], key=lambda r: r["started_at"])
+    assert datetime.fromisoformat(later["started_at"]) >= datetime.fromisoformat(earlier["finished_at"])
+    assert worker.returncode == 0, log_file.read_text(errors="replace")[-4000:]
+
+
+@pytest.mark.slow
+def test_real_worker_on_embedded_filesystem_broker(settings, tmp_path):
+    dataset = add_dataset(settings)
+    jobs = JobStore.from_settings(settings)
+    app = make_celery(settings)
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, None, log_file)
+    try:
+        job_id = jobs.create("digits", dataset, PARAMS)["id"]
+        enqueue(app, job_id)
+        (done,) = wait_until_final(jobs, [job_id], worker, log_file)
+    finally:
+        stop_worker(worker)
+        jobs.close()
+
+    assert done["status"] == "succeeded", done["error"]
+    assert ModelStore(settings.model_dir).versions("digits") == [1]
+    assert worker.returncode == 0, log_file.read_text(errors="replace")[-4000:]
