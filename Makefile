@@ -13,10 +13,11 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The prediction service under gunicorn (gunicorn.conf.py reads HOST, PORT, WEB_CONCURRENCY,
-# THREADS and the other settings from the environment).
+# The API under gunicorn, a Celery training worker and the job reconciler, together (Procfile);
+# Ctrl-C stops all three. Without CELERY_BROKER_URL the worker uses an embedded broker
+# (files under DATA_DIR), so no Redis is needed.
 run: $(BIN)/.installed
-	HOST=$(HOST) PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+	HOST=$(HOST) $(BIN)/honcho start -f Procfile --port $(PORT)
 
 # The demo: make the sample dataset, train a model on it and show predictions.
 demo: $(BIN)/.installed

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list stored models")
     models.add_argument("--json", action="store_true", help="print JSON")
 
+    reconcile = sub.add_parser("reconcile", help="requeue training jobs whose worker died; re-send lost messages")
+    reconcile.add_argument("--every", type=float, help="repeat every N seconds (default: once)")
+
     demo = sub.add_parser("demo", help="make the sample digits dataset, train on it and predict")
     demo.add_argument("--image-size", type=int, default=64)
     return parser
@@ -192,6 +195,22 @@ def command_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def command_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the job reconciler once, or every N seconds until interrupted."""
+    import time
+
+    from training.tasks import make_celery, reconcile
+
+    app = make_celery(settings)
+    while True:
+        counts = reconcile(settings, app)
+        if any(counts.values()) or not args.every:
+            out.print_json(json.dumps(counts))
+        if not args.every:
+            return 0
+        time.sleep(args.every)
+
+
 def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Run the demo."""
     from training.demo import run_demo
@@ -200,7 +219,7 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"train": command_train, "predict": command_predict, "evaluate": command_evaluate,
-            "models": command_models, "demo": command_demo}
+            "models": command_models, "reconcile": command_reconcile, "demo": command_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,8 +44,15 @@ class Settings:
     max_batch_size: int = 32
     max_batch_wait_ms: float = 5.0
     max_queue_images: int = 256
+    # Training jobs: a running job's worker reports every JOB_HEARTBEAT_SECONDS; one silent
+    # for JOB_STALE_SECONDS is taken as lost and requeued by the reconciler.
+    job_heartbeat_seconds: float = 15.0
+    job_stale_seconds: float = 90.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.job_heartbeat_seconds < self.job_stale_seconds:
+            raise ValueError("JOB_HEARTBEAT_SECONDS must be above 0 and below JOB_STALE_SECONDS, received: "
+                             f"{self.job_heartbeat_seconds} and {self.job_stale_seconds}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"PRECISION must be one of {PRECISIONS}, received: {self.precision!r}")
         for name in ("max_upload_mb", "max_archive_entries", "max_archive_mb",
@@ -107,6 +114,8 @@ class Settings:
             max_batch_size=number("MAX_BATCH_SIZE", defaults.max_batch_size),
             max_batch_wait_ms=number("MAX_BATCH_WAIT_MS", defaults.max_batch_wait_ms, float),
             max_queue_images=number("MAX_QUEUE_IMAGES", defaults.max_queue_images),
+            job_heartbeat_seconds=number("JOB_HEARTBEAT_SECONDS", defaults.job_heartbeat_seconds, float),
+            job_stale_seconds=number("JOB_STALE_SECONDS", defaults.job_stale_seconds, float),
         )
 
 

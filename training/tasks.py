@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -113,6 +114,30 @@ def enqueue(app: Celery, job_id: str) -> None:
     app.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
 
 
+class _Heartbeat:
+    """Mark a job alive every `interval` seconds from a thread, however long one epoch or batch takes."""
+
+    def __init__(self, jobs: JobStore, job_id: str, interval: float) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, args=(jobs, job_id, interval), daemon=True,
+                                       name=f"heartbeat-{job_id}")
+
+    def _beat(self, jobs: JobStore, job_id: str, interval: float) -> None:
+        while not self.stop.wait(interval):
+            try:
+                jobs.heartbeat(job_id)
+            except Exception as exc:  # A database hiccup must not kill the training; the next beat retries.
+                log.warning("heartbeat of job %s failed: %s", job_id, exc)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
 class _Throttled:
     """A cancel check that asks the database at most once per `interval` seconds and stays True once True."""
 
@@ -170,10 +195,11 @@ def _run_started(jobs: JobStore, job: dict, settings: Settings, cancel_poll_seco
                                result=_result(done, store.published_version(job["model"]) == done, metrics))
         params = parse_options(job["params"])
         source = DatasetStore.from_settings(settings).path(job["dataset"])
-        result = train(source, job["model"], settings, params,
-                       progress=lambda p: jobs.heartbeat(job_id, p.as_dict()),
-                       cancel=_Throttled(lambda: jobs.cancel_requested(job_id), cancel_poll_seconds),
-                       job_id=job_id)
+        with _Heartbeat(jobs, job_id, settings.job_heartbeat_seconds):
+            result = train(source, job["model"], settings, params,
+                           progress=lambda p: jobs.heartbeat(job_id, p.as_dict()),
+                           cancel=_Throttled(lambda: jobs.cancel_requested(job_id), cancel_poll_seconds),
+                           job_id=job_id)
     except Cancelled:
         log.info("job %s cancelled", job_id)
         return jobs.finish(job_id, "cancelled")
@@ -199,9 +225,11 @@ def _queue_size(app: Celery) -> int | None:
         return None
 
 
-def reconcile(settings: Settings, app: Celery, stale_after_seconds: float = 120,
+def reconcile(settings: Settings, app: Celery, stale_after_seconds: float | None = None,
               lost_after_seconds: float = 600) -> dict:
     """Requeue jobs whose worker died and re-send queued jobs whose message was lost; return counts."""
+    if stale_after_seconds is None:
+        stale_after_seconds = settings.job_stale_seconds
     jobs = JobStore.from_settings(settings)
     counts = {"requeued": 0, "given_up": 0, "resent": 0}
     requeued: set[str] = set()

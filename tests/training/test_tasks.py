@@ -165,7 +165,9 @@ def worker_env(settings: Settings, broker_url: str | None) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "CELERY_BROKER_URL"}
     env.update(MODEL_DIR=str(settings.model_dir), DATA_DIR=str(settings.data_dir), BACKBONE_WEIGHTS="none",
                KERAS_HOME=str(settings.keras_home), DATABASE_URL=f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}",
-               TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+               TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT),
+               JOB_HEARTBEAT_SECONDS=str(settings.job_heartbeat_seconds),
+               JOB_STALE_SECONDS=str(settings.job_stale_seconds))
     if broker_url:
         env["CELERY_BROKER_URL"] = broker_url
     return env
@@ -262,3 +264,42 @@ def test_real_worker_on_embedded_filesystem_broker(settings, tmp_path):
     assert done["status"] == "succeeded", done["error"]
     assert ModelStore(settings.model_dir).versions("digits") == [1]
     assert worker.returncode == 0, log_file.read_text(errors="replace")[-4000:]
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_mid_job_is_rerun_once_and_never_stuck(settings, redis_url, tmp_path):
+    settings = dataclasses.replace(settings, celery_broker_url=redis_url, job_heartbeat_seconds=0.5,
+                                   job_stale_seconds=3)
+    write_digits_dataset(settings.datasets_dir / DATASET_ID / "data", image_size=32, per_class=40, classes=10)
+    store = JobStore.from_settings(settings)
+    app = make_celery(settings)
+    job = store.create("digits", DATASET_ID, {"image_size": 32, "epochs": 200, "patience": 200})
+    enqueue(app, job["id"])
+    first = start_worker(settings, redis_url, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 60
+        while store.get(job["id"])["status"] != "running":
+            assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool child, mid-training
+        first.wait(10)
+        assert store.get(job["id"])["status"] == "running"  # nobody knows yet
+
+        second = start_worker(settings, redis_url, tmp_path / "second.log")
+        try:
+            deadline = time.monotonic() + 120
+            while store.get(job["id"])["status"] in ("queued", "running"):
+                reconcile(settings, app)  # what `python -m training reconcile --every N` does
+                assert time.monotonic() < deadline and second.poll() is None, \
+                    (tmp_path / "second.log").read_text()[-3000:]
+                time.sleep(0.5)
+        finally:
+            stop_worker(second)
+        final = store.get(job["id"])
+        assert final["status"] == "succeeded", final
+        assert final["attempts"] == 2
+        assert ModelStore(settings.model_dir).versions("digits") == [final["result"]["version"]] == [1]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        store.close()
