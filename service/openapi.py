@@ -77,12 +77,12 @@ def docs_assets_blueprint() -> FlaskBlueprint:
 
 def init_app(app: Flask) -> Api:
     """Register the API blueprints, /openapi.json, /docs and the Swagger UI files."""
-    from service.api import health, models, predict
+    from service.api import datasets, health, jobs, models, predict
 
     for key, value in OPENAPI_CONFIG.items():
         app.config.setdefault(key, value)
     api = Api(app)
-    for module in (health, models, predict):
+    for module in (health, models, predict, datasets, jobs):
         api.register_blueprint(module.bp)
     app.register_blueprint(docs_assets_blueprint())
     app.extensions["api"] = api

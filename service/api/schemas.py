@@ -121,3 +121,66 @@ class PredictionsSchema(Schema):
 
 class PredictManySchema(Schema):
     results = fields.List(fields.Nested(PredictionsSchema), required=True, metadata={"description": "one per model"})
+
+
+class SkippedSchema(Schema):
+    path = fields.String(required=True)
+    reason = fields.String(required=True)
+
+
+class DatasetSchema(Schema):
+    """An uploaded dataset: its ingest report, kept by content."""
+
+    id = fields.String(required=True, metadata={"description": "16 hex characters of the archive's sha256"})
+    classes = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True,
+                          metadata={"description": "class label → number of images"})
+    images = fields.Integer(required=True)
+    skipped = fields.List(fields.Nested(SkippedSchema), metadata={"description": "files left out, and why"})
+    duplicates = fields.List(fields.Dict(), metadata={"description": "exact copies dropped"})
+    conflicts = fields.List(fields.Dict(), metadata={"description": "images filed under two labels, dropped"})
+    warnings = fields.List(fields.String())
+    content_id = fields.String(metadata={"description": "hash of the labeled images (same for two packings)"})
+    sha256 = fields.String()
+    size = fields.Integer(metadata={"description": "archive size in bytes"})
+    created = fields.String()
+    existing = fields.Boolean(metadata={"description": "true when the same bytes were uploaded before"})
+    url = fields.String()
+
+
+class DatasetListSchema(Schema):
+    datasets = fields.List(fields.Nested(DatasetSchema), required=True)
+
+
+class JobSchema(Schema):
+    """A training job: `queued → running → succeeded | failed | cancelled`."""
+
+    id = fields.String(required=True)
+    model = fields.String()
+    dataset = fields.String()
+    params = fields.Dict(metadata={"description": "training options as given"})
+    status = fields.String(required=True, metadata={"description": "queued|running|succeeded|failed|cancelled"})
+    progress = fields.Dict(allow_none=True, metadata={"description": "{phase, current, total, epoch, metrics}"})
+    result = fields.Dict(allow_none=True, metadata={"description": "{version, published, metrics}"})
+    error = fields.String(allow_none=True)
+    cancel_requested = fields.Boolean()
+    attempts = fields.Integer()
+    created_at = fields.String()
+    started_at = fields.String(allow_none=True)
+    finished_at = fields.String(allow_none=True)
+    heartbeat_at = fields.String(allow_none=True)
+    url = fields.String(required=True)
+
+
+class JobEnvelopeSchema(Schema):
+    job = fields.Nested(JobSchema, required=True)
+    dataset = fields.Nested(DatasetSchema, metadata={"description": "the uploaded dataset (multipart form only)"})
+
+
+class JobListSchema(Schema):
+    jobs = fields.List(fields.Nested(JobSchema), required=True)
+
+
+class JobListQuerySchema(Schema):
+    status = fields.String(validate=validate.OneOf(("queued", "running", "succeeded", "failed", "cancelled")),
+                           metadata={"description": "only jobs with this status"})
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))

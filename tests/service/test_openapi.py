@@ -19,6 +19,9 @@ def test_openapi_json_is_valid_openapi_3_listing_the_endpoints(client):
         "/v1/models/{name}/versions/{version}/plots/{filename}": {"get"},
         "/v1/models/{name}/published": {"put"}, "/v1/models/{name}/versions/{version}": {"delete"},
         "/v1/models/{name}/predict": {"post"}, "/v1/predict": {"post"},
+        "/v1/datasets": {"get", "post"}, "/v1/datasets/{dataset_id}": {"get"}, "/v1/models/{name}/train": {"post"},
+        "/v1/jobs": {"get"}, "/v1/jobs/{job_id}": {"get"}, "/v1/jobs/{job_id}/cancel": {"post"},
+        "/v1/jobs/{job_id}/events": {"get"},
     }
     for path, methods in expected.items():
         assert methods <= set(paths[path]), path

@@ -1,0 +1,199 @@
+"""Training jobs: start one, list and follow them (JSON or server-sent events), cancel."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from flask import Response, current_app, request, url_for
+
+from service.api.datasets import ARCHIVE_BODY, FILE_FIELD, MULTIPART, checked_id, upload_archive, with_url
+from service.api.schemas import ErrorSchema, JobEnvelopeSchema, JobListQuerySchema, JobListSchema, JobSchema
+from service.auth import TRAIN, role
+from service.errors import ServiceError
+from service.inputs import model_name
+from service.jobs_ext import get_celery, get_datasets, get_jobs
+from service.openapi import Blueprint
+from training.jobs import FINAL_STATUSES, JobNotFoundError, JobStore
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1", description="Training jobs")
+logger = logging.getLogger(__name__)
+
+# Server-sent events: how often the job is read, how often an idle stream says it is alive,
+# and how long one stream may last (a forgotten client must not hold a server thread forever).
+EVENTS_POLL_S = 0.5
+EVENTS_KEEPALIVE_S = 15.0
+EVENTS_LIFETIME_S = 3600.0
+BROKER_RETRY_AFTER_S = 30
+HIDDEN = ("worker",)  # host names and process ids of the training machines stay private
+
+TRAIN_BODY = {
+    "required": True,
+    "description": "JSON `{\"dataset\": id, ...options}`, or multipart with the archive as file part "
+                   f"`{FILE_FIELD}` (or a `dataset` field) and the options as form fields (names as the CLI's "
+                   "`python -m training train` flags: epochs, image_size, optimizer, learning_rate, fine_tune, ...).",
+    "content": {
+        "application/json": {"schema": {
+            "type": "object", "required": ["dataset"],
+            "properties": {"dataset": {"type": "string"}}, "additionalProperties": True,
+        }},
+        MULTIPART: ARCHIVE_BODY["content"][MULTIPART],
+    },
+}
+
+
+def job_url(job_id: str) -> str:
+    return url_for("jobs.get_job", job_id=job_id)
+
+
+def public(job: dict, url: str | None = None) -> dict:
+    """A job as the API shows it: without the worker, with its URL."""
+    shown = {key: value for key, value in job.items() if key not in HIDDEN}
+    return {**shown, "url": url or job_url(job["id"])}
+
+
+def train_request() -> tuple[str | None, dict, bool]:
+    """The request's dataset id (None: an archive is attached), its options, and whether it is multipart."""
+    if request.mimetype == MULTIPART:
+        form = request.form.to_dict()
+        dataset = form.pop("dataset", None)
+        if FILE_FIELD not in request.files and not dataset:
+            raise ServiceError(f"send the dataset archive as file field '{FILE_FIELD}', or a 'dataset' id field")
+        return (None if FILE_FIELD in request.files else dataset), form, True
+    if request.mimetype != "application/json":
+        raise ServiceError("send application/json {\"dataset\": id, ...options}, or multipart/form-data with the "
+                           f"archive as file field '{FILE_FIELD}'; received Content-Type {request.mimetype or 'none'}",
+                           415)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ServiceError('the body must be a JSON object: {"dataset": "<id>", "epochs": 10, ...}')
+    options = dict(body)
+    dataset = options.pop("dataset", None)
+    if not isinstance(dataset, str) or not dataset:
+        raise ServiceError(f"dataset: a dataset id (string) is required, received: {dataset!r}")
+    return dataset, options, False
+
+
+def check_options(options: dict) -> None:
+    """Refuse unknown options and bad values with a 400 naming the option."""
+    # training.options imports the pipeline and with it Keras: only when a job is started.
+    from training.options import parse_options
+
+    try:
+        parse_options(options)
+    except (ValueError, TypeError) as exc:
+        raise ServiceError(str(exc)) from None
+
+
+@bp.route("/models/<name>/train", methods=["POST"])
+@role(TRAIN)
+@bp.doc(requestBody=TRAIN_BODY)
+@bp.response(202, JobEnvelopeSchema, description="Queued: follow `job.url`")
+@bp.alt_response(400, schema=ErrorSchema, description="Bad model name, option or archive")
+@bp.alt_response(404, schema=ErrorSchema, description="No such dataset")
+@bp.alt_response(415, schema=ErrorSchema, description="Neither JSON nor multipart")
+@bp.alt_response(503, schema=ErrorSchema, description="The broker is unavailable; the job stays queued")
+def train(name: str):
+    """Train a new version of a model on a dataset, as a queued job."""
+    name = model_name(name)
+    dataset_id, options, _ = train_request()
+    check_options(options)  # Every cheap check before an upload is unpacked or a job is recorded.
+    uploaded = None
+    if dataset_id is None:
+        uploaded = with_url(upload_archive())
+        dataset_id = uploaded["id"]
+    else:
+        get_datasets().get(checked_id(dataset_id))  # 404 for an unknown dataset
+    job = get_jobs().create(name, dataset_id, options)
+    url = job_url(job["id"])
+    try:
+        from training.tasks import enqueue
+
+        enqueue(get_celery(), job["id"])
+    except Exception as exc:  # The broker is down or unreachable: the job is recorded, its message is not.
+        logger.error("could not send job %s to the training queue: %s", job["id"], exc)
+        raise ServiceError(f"job {job['id']} is recorded as queued but the training queue (broker) is unavailable: "
+                           f"{type(exc).__name__}: {exc}. It will be sent once the broker is back (the reconciler "
+                           f"re-sends lost messages); follow {url} or cancel it", 503, "unavailable",
+                           {"Retry-After": str(BROKER_RETRY_AFTER_S), "Location": url}) from None
+    body = {"job": public(job, url)}
+    if uploaded is not None:
+        body["dataset"] = uploaded
+    return body, 202, {"Location": url}
+
+
+@bp.route("/jobs", methods=["GET"])
+@role(TRAIN)
+@bp.arguments(JobListQuerySchema, location="query", as_kwargs=True)
+@bp.response(200, JobListSchema)
+def list_jobs(limit: int, status: str | None = None):
+    """List training jobs, newest first."""
+    return {"jobs": [public(job) for job in get_jobs().list(limit=limit, status=status)]}
+
+
+@bp.route("/jobs/<job_id>", methods=["GET"])
+@role(TRAIN)
+@bp.response(200, JobSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="No such job")
+def get_job(job_id: str):
+    """One job: status, progress, result or error."""
+    return public(get_jobs().get(job_id))
+
+
+@bp.route("/jobs/<job_id>/cancel", methods=["POST"])
+@role(TRAIN)
+@bp.response(202, JobSchema, description="A queued job is cancelled now; a running one stops within an epoch")
+@bp.alt_response(404, schema=ErrorSchema, description="No such job")
+def cancel(job_id: str):
+    """Cancel a job: at once when queued, cooperatively (`cancel_requested`) when running."""
+    return public(get_jobs().request_cancel(job_id))
+
+
+def job_events(jobs: JobStore, job_id: str, url: str, *, poll_s: float = EVENTS_POLL_S,
+               keepalive_s: float = EVENTS_KEEPALIVE_S, lifetime_s: float = EVENTS_LIFETIME_S,
+               clock: Callable[[], float] = time.monotonic,
+               sleep: Callable[[float], None] = time.sleep) -> Iterator[str]:
+    """Server-sent events: `event: job` on every change, keep-alive comments, end after a final state."""
+    started = last_sent = clock()
+    previous = None
+    while True:
+        try:
+            job = public(jobs.get(job_id), url)
+        except JobNotFoundError:
+            yield f"event: error\ndata: {json.dumps({'code': 'not_found', 'message': 'the job was deleted'})}\n\n"
+            return
+        text = json.dumps(job, separators=(",", ":"))
+        now = clock()
+        if text != previous:
+            yield f"event: job\ndata: {text}\n\n"
+            previous, last_sent = text, now
+        if job["status"] in FINAL_STATUSES:
+            return
+        if now - started >= lifetime_s:
+            yield ": stream lifetime reached; reconnect to follow the job\n\n"
+            return
+        if now - last_sent >= keepalive_s:
+            yield ": keep-alive\n\n"
+            last_sent = now
+        sleep(poll_s)
+
+
+@bp.route("/jobs/<job_id>/events", methods=["GET"])
+@role(TRAIN)
+@bp.response(200, description="`text/event-stream`: `event: job` with the job JSON whenever it changes; "
+                              "ends after a final state", content_type="text/event-stream")
+@bp.alt_response(404, schema=ErrorSchema, description="No such job")
+def events(job_id: str):
+    """Follow a job as server-sent events until it succeeds, fails or is cancelled."""
+    jobs = get_jobs()
+    jobs.get(job_id)  # 404 now, before the stream starts
+    config = current_app.config
+    stream = job_events(jobs, job_id, job_url(job_id),
+                        poll_s=config.get("EVENTS_POLL_S", EVENTS_POLL_S),
+                        keepalive_s=config.get("EVENTS_KEEPALIVE_S", EVENTS_KEEPALIVE_S),
+                        lifetime_s=config.get("EVENTS_LIFETIME_S", EVENTS_LIFETIME_S))
+    # Proxies (nginx) must pass each event on at once rather than buffer the stream.
+    return Response(stream, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

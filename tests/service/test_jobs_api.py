@@ -1,0 +1,299 @@
+"""Datasets and training jobs over HTTP, with a real Redis broker and a real Celery worker process.
+
+Needs Redis at redis://127.0.0.1:6379/14 (flushed at the start); the tests fail, never skip,
+when it does not answer. Tests run in file order: the cancel test runs before the worker starts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import redis
+
+from service import create_app
+from service.jobs_ext import close_jobs
+from service.runtime_ext import close_runtime
+from training.demo import write_digits_dataset
+from training.settings import Settings
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_OPTIONS = {"image_size": 32, "epochs": 3}
+JOB_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def broker():
+    """The Redis test database, emptied; a failure (never a skip) when Redis does not answer."""
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"these tests need Redis at {REDIS_URL}: {exc}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def job_settings(tmp_path_factory, broker) -> Settings:
+    root = tmp_path_factory.mktemp("jobs-api")
+    return Settings(model_dir=root / "models", data_dir=root / "data", backbone_weights="none",
+                    keras_home=root / "keras", celery_broker_url=REDIS_URL,
+                    database_url=f"sqlite:///{root / 'data' / 'jobs.sqlite3'}")
+
+
+@pytest.fixture(scope="module")
+def japp(job_settings):
+    job_settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app({"SETTINGS": job_settings, "TESTING": True})
+    yield app
+    close_jobs(app)
+    close_runtime(app)
+
+
+@pytest.fixture
+def jclient(japp):
+    return japp.test_client()
+
+
+@pytest.fixture(scope="module")
+def worker(job_settings, tmp_path_factory):
+    """Start the real Celery training worker (once, on first call) with the app's settings."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {**os.environ, "MODEL_DIR": str(job_settings.model_dir), "DATA_DIR": str(job_settings.data_dir),
+           "BACKBONE_WEIGHTS": "none", "KERAS_HOME": str(job_settings.keras_home),
+           "CELERY_BROKER_URL": REDIS_URL, "DATABASE_URL": job_settings.database_url,
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        if not started:
+            celery = Path(sys.executable).parent / "celery"
+            with log.open("wb") as out:
+                started.append(subprocess.Popen(
+                    [str(celery), "-A", "training.tasks", "worker", "-Q", "training", "--concurrency", "1",
+                     "-l", "info", "--without-gossip", "--without-mingle", "-n", f"test-{os.getpid()}@%h"],
+                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+        return started[0]
+
+    yield start
+    for process in started:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    if started:
+        sys.stderr.write(log.read_text(errors="replace")[-4000:])
+
+
+def zip_bytes(folder: Path) -> bytes:
+    """A zip of `folder`'s contents, class folders at the archive's root."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("upload") / "digits"
+    write_digits_dataset(root, image_size=32, per_class=8, classes=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits_zip(digits) -> bytes:
+    return zip_bytes(digits)
+
+
+def upload(client, data: bytes, name: str = "digits.zip"):
+    return client.post("/v1/datasets", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+
+@pytest.fixture(scope="module")
+def dataset_id(japp, digits_zip) -> str:
+    response = upload(japp.test_client(), digits_zip)
+    assert response.status_code in (200, 201), response.get_json()
+    return response.get_json()["id"]
+
+
+def assert_error(response, status: int, *words: str) -> None:
+    assert response.status_code == status, (response.status_code, response.get_data(as_text=True))
+    message = response.get_json()["error"]["message"]
+    for word in words:
+        assert word in message, message
+
+
+def wait_final(client, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").get_json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
+
+
+def test_upload_dataset_reports_counts_and_is_kept_once(jclient, digits, digits_zip):
+    first = upload(jclient, digits_zip)
+    assert first.status_code == 201, first.get_json()
+    record = first.get_json()
+    labels = sorted(folder.name for folder in digits.iterdir())
+    assert record["classes"] == {label: 8 for label in labels}
+    assert record["images"] == 24 and record["skipped"] == [] and record["existing"] is False
+    assert first.headers["Location"] == f"/v1/datasets/{record['id']}"
+
+    again = upload(jclient, digits_zip, "same.zip")
+    assert again.status_code == 200
+    assert again.get_json()["id"] == record["id"] and again.get_json()["existing"] is True
+
+    assert jclient.get(f"/v1/datasets/{record['id']}").get_json()["classes"] == record["classes"]
+    assert record["id"] in [d["id"] for d in jclient.get("/v1/datasets").get_json()["datasets"]]
+    assert_error(jclient.get("/v1/datasets/0123456789abcdef"), 404, "0123456789abcdef")
+    assert_error(jclient.get("/v1/datasets/not-hex"), 400, "dataset_id")
+
+
+def test_upload_refuses_bad_archives(jclient, digits, tmp_path):
+    assert_error(upload(jclient, b"this is not an archive at all"), 400)
+    one = tmp_path / "one"
+    label = sorted(folder.name for folder in digits.iterdir())[0]
+    (one / label).mkdir(parents=True)
+    for path in sorted((digits / label).iterdir()):
+        (one / label / path.name).write_bytes(path.read_bytes())
+    assert_error(upload(jclient, zip_bytes(one)), 400, "2 classes", label)
+    assert_error(jclient.post("/v1/datasets", data={"other": "x"}, content_type="multipart/form-data"), 400, "file")
+    assert_error(jclient.post("/v1/datasets"), 400, "file")
+    assert_error(jclient.post("/v1/datasets", json={"file": "x"}), 415)
+
+
+def test_bad_train_requests_are_refused_before_a_job_exists(jclient, dataset_id):
+    assert_error(jclient.post("/v1/models/bad/train", json={"dataset": dataset_id, "epochs": "many"}), 400, "epochs")
+    assert_error(jclient.post("/v1/models/bad/train", json={"dataset": dataset_id, "epoch": 3}), 400, "epoch")
+    assert_error(jclient.post("/v1/models/bad/train", json={"dataset": "0123456789abcdef"}), 404, "0123456789abcdef")
+    assert_error(jclient.post("/v1/models/bad/train", json={"dataset": "../x"}), 400, "dataset_id")
+    assert_error(jclient.post("/v1/models/bad/train", json={"epochs": 3}), 400, "dataset")
+    assert_error(jclient.post("/v1/models/bad/train", json=[1]), 400)
+    assert_error(jclient.post("/v1/models/-bad/train", json={"dataset": dataset_id}), 400, "model name")
+    assert_error(jclient.post("/v1/models/bad/train", data="x", content_type="text/plain"), 415)
+    assert_error(jclient.post("/v1/models/bad/train", data={"epochs": "3"}, content_type="multipart/form-data"),
+                 400, "file")
+    assert [job for job in jclient.get("/v1/jobs").get_json()["jobs"] if job["model"] == "bad"] == []
+    for response in (jclient.get("/v1/jobs/nope"), jclient.post("/v1/jobs/nope/cancel"),
+                     jclient.get("/v1/jobs/nope/events")):
+        assert_error(response, 404, "nope")
+    assert_error(jclient.get("/v1/jobs?status=lost"), 400, "status")
+    assert_error(jclient.get("/v1/jobs?limit=0"), 400, "limit")
+
+
+def test_broker_down_answers_503_and_keeps_the_job_queued(jclient, dataset_id, monkeypatch):
+    class DeadBroker:
+        def send_task(self, *args, **kwargs):
+            raise ConnectionRefusedError("Error 111 connecting to redis:6379")
+
+    monkeypatch.setattr("service.api.jobs.get_celery", DeadBroker)
+    response = jclient.post("/v1/models/later/train", json={"dataset": dataset_id})
+    assert_error(response, 503, "queued", "reconciler")
+    assert response.headers["Retry-After"]
+    job = jclient.get(response.headers["Location"]).get_json()
+    assert job["status"] == "queued" and job["model"] == "later"
+    assert jclient.post(f"/v1/jobs/{job['id']}/cancel").get_json()["status"] == "cancelled"
+
+
+def test_cancelled_queued_job_never_trains(jclient, dataset_id, worker, broker):
+    response = jclient.post("/v1/models/never/train", json={"dataset": dataset_id, **TRAIN_OPTIONS})
+    assert response.status_code == 202
+    job_id = response.get_json()["job"]["id"]
+    cancelled = jclient.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 202
+    assert cancelled.get_json()["status"] == "cancelled"
+    worker()  # The message is still in the queue: the worker must drop it.
+    deadline = time.monotonic() + 30
+    while broker.llen("training") or broker.hlen("unacked"):
+        assert time.monotonic() < deadline, "the worker did not take the cancelled job's message"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert jclient.get(f"/v1/jobs/{job_id}").get_json()["status"] == "cancelled"
+    assert jclient.get("/v1/models/never").status_code == 404
+
+
+def test_training_jobs_run_on_a_real_worker_then_serve(jclient, dataset_id, digits, digits_zip, worker):
+    worker()
+    by_json = jclient.post("/v1/models/json-digits/train", json={"dataset": dataset_id, **TRAIN_OPTIONS})
+    assert by_json.status_code == 202, by_json.get_json()
+    job = by_json.get_json()["job"]
+    assert job["status"] == "queued" and job["url"] == f"/v1/jobs/{job['id']}" == by_json.headers["Location"]
+    assert "worker" not in job
+
+    form = {key: str(value) for key, value in TRAIN_OPTIONS.items()}
+    by_form = jclient.post("/v1/models/form-digits/train", content_type="multipart/form-data",
+                           data={"file": (io.BytesIO(digits_zip), "digits.zip"), **form})
+    assert by_form.status_code == 202, by_form.get_json()
+    assert by_form.get_json()["dataset"]["id"] == dataset_id  # the same bytes: the same dataset
+    assert by_form.get_json()["job"]["params"] == form
+
+    for envelope, model in ((by_json, "json-digits"), (by_form, "form-digits")):
+        done = wait_final(jclient, envelope.get_json()["job"]["id"])
+        assert done["status"] == "succeeded", done
+        assert done["result"]["version"] == 1 and done["model"] == model and "worker" not in done
+
+    image = sorted(next(iter(sorted(digits.iterdir()))).glob("*.png"))[0].read_bytes()
+    predicted = jclient.post("/v1/models/json-digits/predict", content_type="multipart/form-data",
+                             data={"image": (io.BytesIO(image), "x.png")})
+    assert predicted.status_code == 200, predicted.get_json()
+    assert predicted.get_json()["version"] == 1
+
+    listed = jclient.get("/v1/jobs?status=succeeded&limit=10").get_json()["jobs"]
+    assert {j["model"] for j in listed} >= {"json-digits", "form-digits"}
+    assert all("worker" not in j for j in listed)
+
+    events = jclient.get(f"/v1/jobs/{job['id']}/events")
+    assert events.status_code == 200 and events.mimetype == "text/event-stream"
+    assert events.headers["Cache-Control"] == "no-cache" and events.headers["X-Accel-Buffering"] == "no"
+    blocks = [block for block in events.get_data(as_text=True).split("\n\n") if block.strip()]
+    assert len(blocks) == 1, blocks
+    event, data = blocks[0].split("\n")
+    assert event == "event: job"
+    final = json.loads(data.removeprefix("data: "))
+    assert final["id"] == job["id"] and final["status"] == "succeeded" and final["result"]["version"] == 1
+
+
+def test_event_stream_sends_changes_keepalives_and_ends():
+    from service.api.jobs import job_events
+
+    states = iter(["queued", "queued", "running", "running", "succeeded"])
+
+    class Jobs:
+        def get(self, job_id):
+            return {"id": job_id, "status": next(states), "worker": "host:1"}
+
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    stream = list(job_events(Jobs(), "j", "/v1/jobs/j", poll_s=10, keepalive_s=5, clock=lambda: now[0],
+                             sleep=sleep))
+    assert [line.split("\n")[0] for line in stream] == ["event: job", ": keep-alive", "event: job", ": keep-alive",
+                                                        "event: job"]
+    assert all("host" not in line for line in stream)
+    assert json.loads(stream[-1].split("data: ")[1])["status"] == "succeeded"
+
+    endless = list(job_events(type("Stuck", (), {"get": lambda self, i: {"id": i, "status": "running"}})(), "j",
+                              "/v1/jobs/j", poll_s=1, keepalive_s=100, lifetime_s=3, clock=lambda: now[0],
+                              sleep=sleep))
+    assert endless[0].startswith("event: job") and "lifetime" in endless[-1] and len(endless) == 2
