@@ -63,18 +63,20 @@ def _coerce(name: str, kind: type, value):
     raise ValueError(f"{name} must be a {'boolean' if kind is bool else kind.__name__}, received: {value!r}")
 
 
-def parse_options(options: Mapping) -> TrainParams:
-    """Build TrainParams from option names and values; None values mean 'default'."""
+def normalize_options(options: Mapping) -> dict:
+    """Known option names with typed values (form strings converted); None values dropped."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    return {name: _coerce(name, OPTIONS[name][0], value) for name, value in options.items() if value is not None}
+
+
+def parse_options(options: Mapping) -> TrainParams:
+    """Build TrainParams from option names and values; None values mean 'default'."""
     groups: dict[str, dict] = {"head": {}, "train": {}, "fine_tune": {}}
     fine_tune = False
-    for name, value in options.items():
-        if value is None:
-            continue
-        kind, group, field = OPTIONS[name]
-        value = _coerce(name, kind, value)
+    for name, value in normalize_options(options).items():
+        _, group, field = OPTIONS[name]
         if name == "fine_tune":
             fine_tune = value
         else:

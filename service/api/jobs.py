@@ -76,13 +76,14 @@ def train_request() -> tuple[str | None, dict, bool]:
     return dataset, options, False
 
 
-def check_options(options: dict) -> None:
-    """Refuse unknown options and bad values with a 400 naming the option."""
+def check_options(options: dict) -> dict:
+    """Return the options with typed values, or refuse unknown options and bad values with a 400 naming them."""
     # training.options imports the pipeline and with it Keras: only when a job is started.
-    from training.options import parse_options
+    from training.options import normalize_options, parse_options
 
     try:
         parse_options(options)
+        return normalize_options(options)
     except (ValueError, TypeError) as exc:
         raise ServiceError(str(exc)) from None
 
@@ -99,7 +100,7 @@ def train(name: str):
     """Train a new version of a model on a dataset, as a queued job."""
     name = model_name(name)
     dataset_id, options, _ = train_request()
-    check_options(options)  # Every cheap check before an upload is unpacked or a job is recorded.
+    options = check_options(options)  # Every cheap check before an upload is unpacked or a job is recorded.
     uploaded = None
     if dataset_id is None:
         uploaded = with_url(upload_archive())

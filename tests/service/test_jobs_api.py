@@ -244,7 +244,7 @@ def test_training_jobs_run_on_a_real_worker_then_serve(jclient, dataset_id, digi
                            data={"file": (io.BytesIO(digits_zip), "digits.zip"), **form})
     assert by_form.status_code == 202, by_form.get_json()
     assert by_form.get_json()["dataset"]["id"] == dataset_id  # the same bytes: the same dataset
-    assert by_form.get_json()["job"]["params"] == form
+    assert by_form.get_json()["job"]["params"] == TRAIN_OPTIONS  # form strings stored as typed values
 
     for envelope, model in ((by_json, "json-digits"), (by_form, "form-digits")):
         done = wait_final(jclient, envelope.get_json()["job"]["id"])
