@@ -40,13 +40,6 @@ class Overloaded(ServiceError):
         super().__init__(message, 503, "overloaded", {"Retry-After": str(retry_after)})
 
 
-class NotReady(ServiceError):
-    """A dependency (store, backbone) is not ready."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 503, "not_ready", {"Retry-After": "5"})
-
-
 def error_body(code: str, message: str) -> dict:
     """The JSON body of every error answer."""
     return {"error": {"code": code, "message": message}}

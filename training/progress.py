@@ -7,12 +7,13 @@ from collections.abc import Callable
 
 from training.errors import Cancelled
 
-PHASES = ("unpack", "features", "head", "fine-tune", "evaluate", "save")
-
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
-    """One progress report: a phase, how far it is, and the last epoch's metrics."""
+    """One progress report: a phase, how far it is, and the last epoch's metrics.
+
+    Phases, in order: unpack, features, head, fine-tune (optional), evaluate, save.
+    """
 
     phase: str
     current: int
