@@ -25,7 +25,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	BACKBONE_WEIGHTS=none $(BIN)/python -m pytest $(PYTEST_ARGS)
+	BACKBONE_WEIGHTS=none $(BIN)/python -m pytest -m "not long" $(PYTEST_ARGS)
 
 # The training library under Keras' PyTorch backend (the GPU hosts have PyTorch and JAX, not
 # TensorFlow). TORCH names the CPU build: on this project's machines pip finds torch 2.13.0 locally.
