@@ -8,6 +8,7 @@ only reader of the environment), then the test override. Tests inject settings w
 from __future__ import annotations
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from training.settings import Settings
 
@@ -22,6 +23,16 @@ DEFAULT_CONFIG = {
 }
 
 
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, where a body nested too deeply to parse is invalid JSON (a 400), not a RecursionError (a 500)."""
+
+    def loads(self, s, **kwargs):
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
 def settings_config(settings: Settings) -> dict:
     """Flask config derived from the settings."""
     return {"SETTINGS": settings, "MAX_CONTENT_LENGTH": settings.max_upload_mb * MIB}
@@ -30,6 +41,7 @@ def settings_config(settings: Settings) -> dict:
 def create_app(test_config: dict | None = None) -> Flask:
     """Create and configure the service's Flask app."""
     app = Flask(__name__)
+    app.json = JSONProvider(app)
     app.json.sort_keys = False  # Keep the documented order: {"model", "version", "predictions"}.
     app.config.from_mapping(DEFAULT_CONFIG)
     settings = (test_config or {}).get("SETTINGS") or Settings.from_env()

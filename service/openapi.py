@@ -6,6 +6,7 @@ served by a local route: the service runs without internet, so no CDN.
 
 from __future__ import annotations
 
+import json
 from importlib.resources import files
 
 import flask_smorest
@@ -41,6 +42,14 @@ class ArgumentsParser(FlaskParser):
     """webargs parser answering invalid arguments with 400 (the API's bad-input status), not 422."""
 
     DEFAULT_VALIDATION_STATUS = 400
+
+    def _raw_load_json(self, req):
+        """The JSON body; one nested too deeply to parse is invalid JSON (a 400), not a RecursionError (a 500)."""
+        try:
+            return super()._raw_load_json(req)
+        except RecursionError:
+            # A non-empty document: webargs takes an error on an empty one for "no body".
+            raise json.JSONDecodeError("JSON nested too deeply", "[[...", 0) from None
 
 
 class Blueprint(flask_smorest.Blueprint):

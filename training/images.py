@@ -19,6 +19,9 @@ from training.errors import ImageError, UnsupportedImageError
 
 # Formats sniffed from the bytes; a filename or Content-Type is never trusted.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# How files of the allowed formats start (WEBP and BMP are checked in `_signature`).
+_SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
+               "TIFF": (b"II*\x00", b"MM\x00*")}
 DEFAULT_MAX_PIXELS = 50_000_000
 # Bumped whenever the pixels this module produces change, so cached features
 # computed by an older version are not reused.
@@ -29,6 +32,15 @@ PREPROCESSING = f"pillow-decode,exif-transpose,rgb-on-white,cv2-inter-area,vgg19
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def _signature(data: bytes) -> str | None:
+    """The allowed format whose signature the bytes start with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM" and data[6:10] == bytes(4):  # "BM", file size, then four reserved zero bytes
+        return "BMP"
+    return next((kind for kind, heads in _SIGNATURES.items() if data.startswith(heads)), None)
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Open bytes as one of the allowed formats and check the pixel count before decoding."""
     if not data:
@@ -36,6 +48,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
+        kind = _signature(data)
+        if kind:  # An allowed format whose header is cut or broken: a bad image (400), not another type (415).
+            raise ImageError(f"cannot read image: the {kind} header is truncated or corrupt") from None
         raise UnsupportedImageError(
             f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
         ) from None
