@@ -49,7 +49,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config:
         app.config.from_mapping(test_config)
 
-    from service import auth, errors, jobs_ext, logs, metrics, openapi, runtime_ext
+    from service import auth, errors, jobs_ext, logs, metrics, openapi, runtime_ext, web
 
     # Order matters: timing and request ids start before auth may answer early.
     logs.init_app(app)
@@ -59,4 +59,5 @@ def create_app(test_config: dict | None = None) -> Flask:
     runtime_ext.init_app(app)
     jobs_ext.init_app(app)
     openapi.init_app(app)
+    web.init_app(app)
     return app
