@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run demo test test-torch bench bench-serve clean
+.PHONY: run demo test test-torch smoke reliability bench bench-serve clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ TORCH ?= torch==2.13.0
 test-torch: $(BIN)/.installed
 	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
 	KERAS_BACKEND=torch BACKBONE_WEIGHTS=none $(BIN)/python -m pytest tests/training $(PYTEST_ARGS)
+
+# The container smoke test (a step of .ci/run): the CPU image built with podman, the compose stack on
+# 127.0.0.1 (ports 8091, 6391, 5439, 5591), a tiny training job and a prediction through the API. As root.
+smoke: $(BIN)/.installed
+	bash deploy/smoke.sh
 
 bench: $(BIN)/.installed
 	BACKBONE_WEIGHTS=none $(BIN)/python bench/train_speed.py

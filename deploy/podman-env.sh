@@ -1,0 +1,17 @@
+# Sourced by deploy/*.sh: podman settings for a host that is itself a sandbox.
+# Rootful podman raises a container's open-files and process limits to the maximum by default; inside a
+# sandbox that may not be allowed ("error setting rlimit ... operation not permitted"), so containers get
+# this host's own hard limits instead, through a containers.conf of ours (CONTAINERS_CONF).
+deploy_podman_env() {
+  local dir=${BASE_CACHE:-/var/cache/classifier-deploy} nofile nproc
+  nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
+  [ "$nofile" = unlimited ] && nofile=1048576
+  [ "$nproc" = unlimited ] && nproc=32768
+  # A hard limit equal to this host's is refused in some sandboxes (the pids controller); 32768 is plenty.
+  [ "$nproc" -gt 32768 ] && nproc=32768
+  mkdir -p "$dir"
+  printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' \
+    "$nofile" "$nofile" "$nproc" "$nproc" > "$dir/containers.conf"
+  export CONTAINERS_CONF="$dir/containers.conf"
+}
+deploy_podman_env
