@@ -14,7 +14,6 @@ a rerun after a crash finds the version the first run saved (its metadata names 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
@@ -29,7 +28,7 @@ from celery.signals import worker_process_init
 
 from training.errors import Cancelled, TrainingError
 from training.jobs import QUEUED, JobNotFoundError, JobStore
-from training.progress import Progress
+from training.progress import EpochHistory
 from training.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -158,36 +157,6 @@ class _Throttled:
         return self.value
 
 
-class _EpochHistory:
-    """Pass progress on with every epoch's metrics so far, per phase, so curves survive a page reload.
-
-    Adds `history: {phase: {"epoch": [...], metric: [...]}}` to the progress dict; values are
-    rounded to 5 significant digits to keep the record small (a 300-epoch job: about 15 KB).
-    """
-
-    def __init__(self, report: Callable[[dict], object]) -> None:
-        self.report = report
-        self.history: dict[str, dict[str, list]] = {}
-
-    def __call__(self, progress: Progress) -> None:
-        if progress.epoch is not None and progress.metrics:
-            series = self.history.setdefault(progress.phase, {"epoch": []})
-            # Early stopping never repeats an epoch, but a restarted phase would: keep epochs increasing.
-            if series["epoch"] and progress.epoch <= series["epoch"][-1]:
-                series.clear()
-                series["epoch"] = []
-            count = len(series["epoch"])
-            series["epoch"].append(progress.epoch)
-            for key, value in progress.metrics.items():
-                # NaN (a diverged loss) is not JSON: stored as null, a gap in the curve.
-                series.setdefault(key, [None] * count).append(float(f"{value:.5g}") if math.isfinite(value) else None)
-            for values in series.values():  # a metric missing this epoch stays aligned
-                values.extend([None] * (count + 1 - len(values)))
-        history = {phase: {key: list(values) for key, values in series.items()}
-                   for phase, series in self.history.items()}  # a snapshot: later epochs must not change it
-        self.report({**progress.as_dict(), "history": history})
-
-
 def _result(version: int, published: bool, metrics: dict) -> dict:
     return {"version": version, "published": published,
             "metrics": {key: metrics.get(key) for key in ("accuracy", "top_k_accuracy", "loss")}}
@@ -232,7 +201,7 @@ def _run_started(jobs: JobStore, job: dict, settings: Settings, cancel_poll_seco
         source = DatasetStore.from_settings(settings).path(job["dataset"])
         with _Heartbeat(jobs, job_id, settings.job_heartbeat_seconds):
             result = train(source, job["model"], settings, params,
-                           progress=_EpochHistory(lambda p: jobs.heartbeat(job_id, p)),
+                           progress=EpochHistory(lambda p: jobs.heartbeat(job_id, p)),
                            cancel=_Throttled(lambda: jobs.cancel_requested(job_id), cancel_poll_seconds),
                            job_id=job_id)
     except Cancelled:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-from training.progress import Progress
-from training.tasks import _EpochHistory
+from training.progress import EpochHistory, Progress
 
 
 def test_each_report_carries_every_epoch_so_far_per_phase():
     reports: list[dict] = []
-    record = _EpochHistory(reports.append)
+    record = EpochHistory(reports.append)
     record(Progress("features", 2, 4))
     for epoch in (1, 2, 3):
         record(Progress("head", epoch, 10, epoch, {"loss": 1.0 / epoch, "val_accuracy": 0.123456789 * epoch}))
@@ -28,7 +27,7 @@ def test_each_report_carries_every_epoch_so_far_per_phase():
 
 def test_a_metric_missing_in_some_epochs_stays_aligned_and_a_restarted_phase_starts_over():
     reports: list[dict] = []
-    record = _EpochHistory(reports.append)
+    record = EpochHistory(reports.append)
     record(Progress("head", 1, 3, 1, {"loss": 1.0}))
     record(Progress("head", 2, 3, 2, {"loss": 0.5, "val_loss": 0.7}))
     record(Progress("head", 3, 3, 3, {"val_loss": 0.6}))
@@ -40,6 +39,6 @@ def test_a_metric_missing_in_some_epochs_stays_aligned_and_a_restarted_phase_sta
 
 def test_a_diverged_metric_is_stored_as_null_not_nan():
     reports: list[dict] = []
-    _EpochHistory(reports.append)(Progress("head", 1, 3, 1, {"loss": float("nan"), "accuracy": 0.5}))
+    EpochHistory(reports.append)(Progress("head", 1, 3, 1, {"loss": float("nan"), "accuracy": 0.5}))
     assert reports[-1]["history"]["head"] == {"epoch": [1], "loss": [None], "accuracy": [0.5]}
     json.dumps(reports[-1]["history"], allow_nan=False)
