@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run demo test test-torch smoke reliability bench bench-serve clean
+.PHONY: run demo test test-torch smoke reliability reliability-load reliability-faults reliability-report bench \
+	bench-serve clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,19 @@ test-torch: $(BIN)/.installed
 # 127.0.0.1 (ports 8091, 6391, 5439, 5591), a tiny training job and a prediction through the API. As root.
 smoke: $(BIN)/.installed
 	bash deploy/smoke.sh
+
+# Issue 7's long runs, left out of `make test` (each its own step of .ci/run): load under locust, the
+# live-stack faults, then the report of what they and make test's hostile-input run recorded.
+reliability: reliability-load reliability-faults reliability-report
+
+reliability-load: $(BIN)/.installed
+	BACKBONE_WEIGHTS=none $(BIN)/python -m pytest -m long tests/reliability/test_load.py $(PYTEST_ARGS)
+
+reliability-faults: $(BIN)/.installed
+	BACKBONE_WEIGHTS=none $(BIN)/python -m pytest -m long tests/reliability/test_faults.py $(PYTEST_ARGS)
+
+reliability-report: $(BIN)/.installed
+	$(BIN)/python -m bench.reliability --require bad_inputs,load,faults
 
 bench: $(BIN)/.installed
 	BACKBONE_WEIGHTS=none $(BIN)/python bench/train_speed.py

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     reconcile = sub.add_parser("reconcile", help="requeue training jobs whose worker died; re-send lost messages")
     reconcile.add_argument("--every", type=float, help="repeat every N seconds (default: once)")
+    reconcile.add_argument("--lost-after", type=float, default=600.0, metavar="SECONDS",
+                           help="re-send a queued job's message once the job is this old (default: 600)")
 
     demo = sub.add_parser("demo", help="make the sample digits dataset, train on it and predict")
     demo.add_argument("--image-size", type=int, default=64)
@@ -203,7 +205,15 @@ def command_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
     app = make_celery(settings)
     while True:
-        counts = reconcile(settings, app)
+        try:
+            counts = reconcile(settings, app, lost_after_seconds=args.lost_after)
+        except Exception as exc:
+            if not args.every:
+                raise
+            # The broker or the job database is down for a while: say so and try again, never exit.
+            print(f"reconcile failed, next try in {args.every:g} s: {type(exc).__name__}: {exc}", file=sys.stderr)
+            time.sleep(args.every)
+            continue
         if any(counts.values()) or not args.every:
             out.print_json(json.dumps(counts))
         if not args.every:

@@ -58,5 +58,18 @@ class StoreConflictError(TrainingError):
     status = 409
 
 
+class StoreFullError(TrainingError, OSError):
+    """The model store's disk is full (ENOSPC) or over quota; nothing was written.
+
+    Still an OSError with the errno it came from, for callers that handle OS errors.
+    """
+
+    status = 507
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class Cancelled(Exception):
     """Training was cancelled by its cancel check; nothing was written."""

@@ -24,11 +24,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from training.errors import ModelNotFoundError, StoreConflictError
+from training.errors import ModelNotFoundError, StoreConflictError, StoreFullError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODEL_FILES = {"head": "head.keras", "full": "model.keras"}
 PUBLISH_POLICIES = ("auto", "always", "never")
+# A full disk, or a user or project over its quota.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def validate_name(name: str) -> str:
@@ -63,6 +65,18 @@ def write_json_atomic(path: Path, data) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(what: str) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) into a StoreFullError saying what was not written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise StoreFullError(f"disk full: {what}: {exc.strerror} ({errno.errorcode[exc.errno]}); "
+                             "nothing was saved, free space and try again", exc.errno) from exc
 
 
 def fsync_tree(root: Path) -> None:
@@ -170,24 +184,38 @@ class ModelStore:
         if publish not in PUBLISH_POLICIES:
             raise ValueError(f"publish must be one of {PUBLISH_POLICIES}, received: {publish!r}")
         folder = self.model_dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = folder / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
-        try:
-            write_files(staging)
-            (staging / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
-            (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False),
-                                                   encoding="utf-8")
-            fsync_tree(staging)
-            with self._lock(name):
-                version = self._rename_into_place(staging, folder)
-                published = self._should_publish(name, metadata, publish)
-                if published:
-                    self._write_published(name, version)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with disk_full_as_error(f"could not save a new version of {name!r} in {self.root}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = folder / f".staging-{uuid.uuid4().hex}"
+            staging.mkdir()
+            try:
+                write_files(staging)
+                (staging / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
+                (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False),
+                                                       encoding="utf-8")
+                fsync_tree(staging)
+                with self._lock(name):
+                    version = self._rename_into_place(staging, folder)
+                    try:
+                        published = self._should_publish(name, metadata, publish)
+                        if published:
+                            self._write_published(name, version)
+                    except OSError as exc:
+                        # The disk filled up between the rename and publishing: take the version back,
+                        # so a failed save leaves no version behind (unless it did get published).
+                        if exc.errno in DISK_FULL_ERRNOS and self.published_version(name) != version:
+                            self._discard(folder / str(version))
+                        raise
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         return version, published
+
+    def _discard(self, path: Path) -> None:
+        """Make a version folder disappear atomically, then remove its files."""
+        trash = path.parent / f".deleting-{uuid.uuid4().hex}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _rename_into_place(self, staging: Path, folder: Path) -> int:
         """Rename the staging folder to the next free version number."""
@@ -219,7 +247,7 @@ class ModelStore:
     def publish(self, name: str, version: int) -> None:
         """Make `version` the published one (publish or roll back), atomically."""
         self.version_dir(name, version)  # before locking, so a missing model leaves no folder behind
-        with self._lock(name):
+        with self._lock(name), disk_full_as_error(f"could not publish version {version} of {name!r}"):
             self.version_dir(name, version)
             self._write_published(name, version)
 
