@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import socket
 import time
 
 from werkzeug.test import EnvironBuilder, run_wsgi_app
@@ -83,9 +82,3 @@ def wait_until_up(host: str, port: int, process, deadline_s: float = 90) -> None
         if process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"the server did not come up (exit code {process.poll()})")
         time.sleep(0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -11,18 +11,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.hardening import corpus
 from tests.hardening.conftest import make_sentinel, service_env, victim_digest
-from tests.hardening.send import free_port, send_http, send_wsgi, wait_until_up
+from tests.hardening.send import send_http, send_wsgi, wait_until_up
 from tests.hardening.test_hostile_archives import left_behind
+from tests.live import GUNICORN, ROOT, child_pids, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-GUNICORN = Path(sys.executable).with_name("gunicorn")
 HOST = "127.0.0.1"
 
 
@@ -32,19 +30,6 @@ def test_request_in_process(app, tally, case):
     problems = corpus.check_answer(case, status, body)
     tally.add("requests/http", problems, case.id)
     assert not problems, problems
-
-
-def workers(pid: int) -> set[int]:
-    """The process ids whose parent is `pid` (gunicorn's workers), from /proc."""
-    found = set()
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_file.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # exited meanwhile
-        if int(fields[1]) == pid:
-            found.add(int(stat_file.parent.name))
-    return found
 
 
 @pytest.fixture
@@ -91,7 +76,7 @@ def test_whole_corpus_through_gunicorn(gunicorn, tally):
     port, process, sentinel, log_path = gunicorn
     for _ in range(4):  # both workers load the model before their process ids are taken
         predict_once(port)
-    before_workers = workers(process.pid)
+    before_workers = child_pids(process.pid)
     assert len(before_workers) == 2, before_workers
     rss_before = rss_mb(before_workers)
     before, digest = sentinel.snapshot(), victim_digest()
@@ -112,7 +97,7 @@ def test_whole_corpus_through_gunicorn(gunicorn, tally):
     for _ in range(4):
         predict_once(port)
     assert process.poll() is None
-    assert workers(process.pid) == before_workers, "a worker crashed or was replaced"
+    assert child_pids(process.pid) == before_workers, "a worker crashed or was replaced"
     tally.extra["gunicorn_worker_rss_mb"] = {"before": sorted(rss_before.values()),
                                               "after": sorted(rss_mb(before_workers).values())}
     log = log_path.read_text(errors="replace")

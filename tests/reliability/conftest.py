@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from bench.reliability import record
+from tests.live import GUNICORN, ROOT, free_port, server_env, wait_healthy
 from tests.service.conftest import digit_pngs, trained_settings  # noqa: F401  (fixtures used here)
 from tests.service.test_faults import Api as FaultsApi
-from tests.service.test_gunicorn import GUNICORN, ROOT, fetch, free_port, server_env
 from tests.training.test_tasks import start_worker, stop_worker, worker_env
 from training.demo import write_digits_dataset
 from training.settings import Settings
@@ -153,16 +153,8 @@ class Gunicorn(FaultsApi):
             self.process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if fetch(f"{self.base}/healthz")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            assert self.process.poll() is None and time.monotonic() < deadline, \
-                f"gunicorn did not start:\n{self.log_path.read_text(errors='replace')[-3000:]}"
-            time.sleep(0.2)
+        wait_healthy(self.base, self.process, self.log_path, timeout=90)
+        return self
 
     def stop(self, kill: bool = False) -> None:
         """Stop the master (TERM, or KILL as a crash would) and make sure its workers are gone too."""

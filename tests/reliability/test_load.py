@@ -23,8 +23,8 @@ import pytest
 import requests
 
 from bench.reliability import record
+from tests.live import ROOT
 from tests.reliability.conftest import Gunicorn
-from tests.service.test_gunicorn import ROOT
 
 MODEL = "digits"
 LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "120"))

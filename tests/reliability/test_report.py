@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bench.reliability import main, record
-from tests.service.test_gunicorn import ROOT
+from tests.live import ROOT
 
 LOAD = {"clients": 32, "duration_s": 120.0, "requests": 9000, "errors": 0, "error_rate": 0.0, "p50_ms": 350.0,
         "p99_ms": 1400.0, "rps": 75.0, "publishes": 80, "publish_errors": 0, "rss_start_mb": 3000.0,

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from tests.service.test_gunicorn import GUNICORN, ROOT, fetch, free_port, server_env
+from tests.live import GUNICORN, ROOT, fetch, free_port, server_env, wait_healthy
 from tests.training.test_tasks import start_worker, stop_worker
 from training.demo import write_digits_dataset
 from training.settings import Settings
@@ -50,15 +50,8 @@ class Api:
         self.process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if fetch(f"{self.base}/healthz")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            assert self.process.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.2)
+        wait_healthy(self.base, self.process)
+        return self
 
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:

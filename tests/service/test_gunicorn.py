@@ -2,62 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.live import GUNICORN, ROOT, child_pids, fetch, free_port, multipart, server_env, wait_healthy
 from tests.service.conftest import MODEL
 from tests.service.test_metrics import metric_value
-
-ROOT = Path(__file__).resolve().parents[2]
-GUNICORN = Path(sys.executable).with_name("gunicorn")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_env(settings, **extra: str) -> dict[str, str]:
-    """The environment of a gunicorn run over the trained store (the settings reach it as env vars)."""
-    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update({"MODEL_DIR": str(settings.model_dir), "DATA_DIR": str(settings.data_dir),
-                "BACKBONE_WEIGHTS": "none", "KERAS_HOME": str(settings.keras_home), "TF_CPP_MIN_LOG_LEVEL": "2",
-                "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2", "THREADS": "4", "TRAINING_API_KEY": "",
-                "PREDICTION_API_KEY": ""})
-    env.update(extra)
-    return env
-
-
-def fetch(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def multipart(field: str, files: list[bytes]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = io.BytesIO()
-    for index, data in enumerate(files):
-        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{index}.png"\r\n'
-                   "Content-Type: image/png\r\n\r\n".encode())
-        body.write(data + b"\r\n")
-    body.write(f"--{boundary}--\r\n".encode())
-    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
 @pytest.fixture
@@ -69,15 +22,7 @@ def gunicorn_server(trained_settings, tmp_path):
                                env=server_env(trained_settings, PORT=str(port)), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if fetch(f"{base}/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
-            time.sleep(0.2)
+        wait_healthy(base, process, Path(log.name))
         yield base, process
     finally:
         process.terminate()
@@ -112,20 +57,7 @@ def test_gunicorn_serves_predictions_and_metrics_from_two_workers(gunicorn_serve
     assert metric_value(text, "classifier_http_requests_total", endpoint="/v1/models/<name>/predict",
                         method="POST", status="200") == 1
     assert metric_value(text, "classifier_model_loads_total", model=MODEL) == 1
-    assert len(children(process.pid)) == 2
-
-
-def children(pid: int) -> list[int]:
-    """Process ids whose parent is `pid` (from /proc: the field after the command name)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # exited meanwhile
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    assert len(child_pids(process.pid)) == 2
 
 
 def test_gunicorn_refuses_a_public_address_without_keys(trained_settings):

@@ -17,13 +17,12 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.service.test_gunicorn import GUNICORN, ROOT, fetch, free_port, multipart, server_env
+from tests.live import GUNICORN, ROOT, fetch, free_port, multipart, server_env, wait_healthy
 from tests.training.test_tasks import start_worker, stop_worker
 from training.demo import write_digits_dataset
 from training.settings import Settings
@@ -87,15 +86,7 @@ def service(web_settings, tmp_path_factory):
     worker = start_worker(web_settings, REDIS_URL, logs / "worker.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if fetch(f"{base}/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert api.poll() is None and time.monotonic() < deadline, (logs / "api.log").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_healthy(base, api, logs / "api.log")
         yield base
     finally:
         stop_worker(worker)

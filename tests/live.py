@@ -1,0 +1,85 @@
+"""Helpers for tests that run the service as real processes: ports, environment, HTTP, readiness."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(settings, **extra: str) -> dict[str, str]:
+    """The environment of a gunicorn run over the trained store (the settings reach it as env vars)."""
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update({"MODEL_DIR": str(settings.model_dir), "DATA_DIR": str(settings.data_dir),
+                "BACKBONE_WEIGHTS": "none", "KERAS_HOME": str(settings.keras_home), "TF_CPP_MIN_LOG_LEVEL": "2",
+                "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2", "THREADS": "4", "TRAINING_API_KEY": "",
+                "PREDICTION_API_KEY": ""})
+    env.update(extra)
+    return env
+
+
+def fetch(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    """GET (or POST `data`); the status and body, error statuses included."""
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def multipart(field: str, files: list[bytes]) -> tuple[bytes, str]:
+    """A multipart body with each of `files` as a PNG part named `field`, and its Content-Type."""
+    boundary = uuid.uuid4().hex
+    body = io.BytesIO()
+    for index, data in enumerate(files):
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{index}.png"\r\n'
+                   "Content-Type: image/png\r\n\r\n".encode())
+        body.write(data + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def wait_healthy(base: str, process: subprocess.Popen, log_path: Path | None = None, timeout: float = 60) -> None:
+    """Wait until `base`/healthz answers 200; fail with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if fetch(f"{base}/healthz")[0] == 200:
+                return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+            raise AssertionError(f"{base} did not become healthy (exit code {process.poll()}):\n{tail}")
+        time.sleep(0.2)
+
+
+def child_pids(pid: int) -> set[int]:
+    """Process ids whose parent is `pid` (from /proc: the field after the command name)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
