@@ -20,15 +20,6 @@ die() { say "ERROR: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (debootstrap and podman import need it)"
 
-need() {  # need COMMAND DEBIAN-PACKAGE
-  command -v "$1" >/dev/null && return
-  say "installing $2 (for $1)"
-  apt-get update -q >&2 || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >&2 || die "apt-get install $2 failed"
-  command -v "$1" >/dev/null || die "$1 still missing after installing $2"
-}
-need podman podman
-need debootstrap debootstrap
 # shellcheck source=deploy/podman-env.sh
 . "$(dirname "$0")/podman-env.sh"
 

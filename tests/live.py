@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +84,22 @@ def child_pids(pid: int) -> set[int]:
         if int(fields[1]) == pid:
             found.add(int(stat.parent.name))
     return found
+
+
+def zip_folder(folder: Path) -> bytes:
+    """A zip of `folder`'s files, class folders at the archive's root."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def digits_zip(folder: Path, per_class: int = 8, classes: int = 3) -> bytes:
+    """scikit-learn's digits (32 px PNGs, one folder per class) written under `folder`, as a zip."""
+    from training.demo import write_digits_dataset
+
+    root = folder / f"digits-{per_class}x{classes}"
+    write_digits_dataset(root, image_size=32, per_class=per_class, classes=classes)
+    return zip_folder(root)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +25,6 @@ from tests.live import GUNICORN, ROOT, free_port, server_env, wait_healthy
 from tests.service.conftest import digit_pngs, trained_settings  # noqa: F401  (fixtures used here)
 from tests.service.test_faults import Api as FaultsApi
 from tests.training.test_tasks import start_worker, stop_worker, worker_env
-from training.demo import write_digits_dataset
 from training.settings import Settings
 
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -292,17 +289,6 @@ def two_versions(trained_settings, tmp_path):  # noqa: F811  (the imported fixtu
     shutil.copytree(trained_settings.model_dir, models)
     shutil.copytree(models / "digits" / "1", models / "digits" / "2")
     return dataclasses.replace(trained_settings, model_dir=models)
-
-
-def dataset_zip(folder: Path, per_class: int = 8, classes: int = 3) -> bytes:
-    """scikit-learn's digits as a .zip of one folder per class (32 px PNGs)."""
-    root = folder / f"digits-{per_class}x{classes}"
-    write_digits_dataset(root, image_size=32, per_class=per_class, classes=classes)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as bundle:
-        for path in sorted(root.rglob("*.png")):
-            bundle.write(path, path.relative_to(root).as_posix())
-    return buffer.getvalue()
 
 
 @pytest.fixture

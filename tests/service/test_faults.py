@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import time
-import zipfile
 
 import pytest
 
-from tests.live import GUNICORN, ROOT, fetch, free_port, server_env, wait_healthy
+from tests.live import GUNICORN, ROOT, digits_zip, fetch, free_port, server_env, wait_healthy
 from tests.training.test_tasks import start_worker, stop_worker
-from training.demo import write_digits_dataset
 from training.settings import Settings
 from training.store import ModelStore
 
@@ -86,16 +83,6 @@ class Api:
             time.sleep(0.2)
 
 
-def digits_zip(tmp_path) -> bytes:
-    root = tmp_path / "digits"
-    write_digits_dataset(root, image_size=32, per_class=40, classes=10)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as bundle:
-        for path in sorted(root.rglob("*.png")):
-            bundle.write(path, path.relative_to(root).as_posix())
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def running(fault_settings, tmp_path):
     """A real gunicorn API and a real Celery worker over one store, job DB and Redis."""
@@ -113,7 +100,7 @@ def running(fault_settings, tmp_path):
 @pytest.mark.slow
 def test_cancel_a_running_job_through_the_api(running, tmp_path, fault_settings):
     api, _ = running
-    dataset = api.upload(digits_zip(tmp_path))
+    dataset = api.upload(digits_zip(tmp_path, per_class=40, classes=10))
     status, answer = api.json("/v1/models/digits/train", {"dataset": dataset, **LONG_JOB}, "POST")
     assert status == 202, answer
     job_id = answer["job"]["id"]
@@ -128,7 +115,7 @@ def test_cancel_a_running_job_through_the_api(running, tmp_path, fault_settings)
 @pytest.mark.slow
 def test_restarting_the_api_mid_job_keeps_the_status_right(running, tmp_path, fault_settings):
     api, _ = running
-    dataset = api.upload(digits_zip(tmp_path))
+    dataset = api.upload(digits_zip(tmp_path, per_class=40, classes=10))
     status, answer = api.json("/v1/models/digits/train",
                               {"dataset": dataset, "image_size": 32, "epochs": 60, "patience": 60}, "POST")
     assert status == 202, answer

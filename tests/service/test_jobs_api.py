@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import redis
 from service import create_app
 from service.jobs_ext import close_jobs
 from service.runtime_ext import close_runtime
+from tests.live import zip_folder
 from training.demo import write_digits_dataset
 from training.settings import Settings
 
@@ -99,16 +99,6 @@ def worker(job_settings, tmp_path_factory):
         sys.stderr.write(log.read_text(errors="replace")[-4000:])
 
 
-def zip_bytes(folder: Path) -> bytes:
-    """A zip of `folder`'s contents, class folders at the archive's root."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(folder).as_posix())
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("upload") / "digits"
@@ -118,7 +108,7 @@ def digits(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def digits_zip(digits) -> bytes:
-    return zip_bytes(digits)
+    return zip_folder(digits)
 
 
 def upload(client, data: bytes, name: str = "digits.zip"):
@@ -175,7 +165,7 @@ def test_upload_refuses_bad_archives(jclient, digits, tmp_path):
     (one / label).mkdir(parents=True)
     for path in sorted((digits / label).iterdir()):
         (one / label / path.name).write_bytes(path.read_bytes())
-    assert_error(upload(jclient, zip_bytes(one)), 400, "2 classes", label)
+    assert_error(upload(jclient, zip_folder(one)), 400, "2 classes", label)
     assert_error(jclient.post("/v1/datasets", data={"other": "x"}, content_type="multipart/form-data"), 400, "file")
     assert_error(jclient.post("/v1/datasets"), 400, "file")
     assert_error(jclient.post("/v1/datasets", json={"file": "x"}), 415)
