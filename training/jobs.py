@@ -191,24 +191,38 @@ class JobStore:
                 return None
             return self._fetch(conn, job_id)
 
-    def heartbeat(self, job_id: str, progress: dict | None = None) -> bool:
-        """Store a running job's progress and mark it alive; False when the job is no longer running."""
+    @staticmethod
+    def _attempt_guard(attempt: int | None) -> list:
+        """Fencing: with `attempt`, only the run that started as that attempt, still running, may write.
+
+        A run given up for lost (requeued, or started again as the next attempt) may have been frozen,
+        not dead; when it wakes up it must not touch the job. None: no fencing (the API's own writes).
+        """
+        return [] if attempt is None else [jobs.c.status == RUNNING, jobs.c.attempts == attempt]
+
+    def heartbeat(self, job_id: str, progress: dict | None = None, attempt: int | None = None) -> bool:
+        """Store a running job's progress and mark it alive; False when it is no longer running (as `attempt`)."""
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
         if progress is not None:
             values["progress"] = progress
         with self.engine.begin() as conn:
             return bool(conn.execute(
-                jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING).values(**values)
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING, *self._attempt_guard(attempt))
+                .values(**values)
             ).rowcount)
 
-    def finish(self, job_id: str, status: str, result: dict | None = None, error: str | None = None) -> dict | None:
-        """Move a queued or running job to a final status; None when it already had one (never overwritten)."""
+    def finish(self, job_id: str, status: str, result: dict | None = None, error: str | None = None,
+               attempt: int | None = None) -> dict | None:
+        """Move a queued or running job to a final status; None when it already had one (never overwritten).
+
+        With `attempt`, a run that was given up for lost since (requeued or restarted) cannot finish the job.
+        """
         if status not in FINAL_STATUSES:
             raise ValueError(f"status must be one of {FINAL_STATUSES}, received: {status!r}")
         with self.engine.begin() as conn:
             done = conn.execute(
                 jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE_STATUSES))
+                .where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE_STATUSES), *self._attempt_guard(attempt))
                 .values(status=status, result=result, error=error, finished_at=utcnow())
             ).rowcount
             if not done:
@@ -229,15 +243,20 @@ class JobStore:
             )
             return self._fetch(conn, job_id)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        """Say whether the job should stop (the training loop polls this)."""
+    def cancel_requested(self, job_id: str, attempt: int | None = None) -> bool:
+        """Say whether the job should stop (the training loop polls this).
+
+        With `attempt`, also when that run was superseded: the reconciler gave it up for lost (a
+        worker frozen past JOB_STALE_SECONDS) and requeued or restarted the job, so it must not save.
+        """
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(jobs.c.cancel_requested, jobs.c.status).where(jobs.c.id == job_id)
+                sa.select(jobs.c.cancel_requested, jobs.c.status, jobs.c.attempts).where(jobs.c.id == job_id)
             ).first()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
-        return bool(row.cancel_requested) or row.status == CANCELLED
+        superseded = attempt is not None and (row.status != RUNNING or row.attempts != attempt)
+        return bool(row.cancel_requested) or row.status == CANCELLED or superseded
 
     def stale_running(self, older_than_seconds: float) -> list[dict]:
         """Return running jobs whose last heartbeat is older than `older_than_seconds`."""

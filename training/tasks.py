@@ -121,15 +121,15 @@ def enqueue(app: Celery, job_id: str) -> None:
 class _Heartbeat:
     """Mark a job alive every `interval` seconds from a thread, however long one epoch or batch takes."""
 
-    def __init__(self, jobs: JobStore, job_id: str, interval: float) -> None:
+    def __init__(self, jobs: JobStore, job_id: str, attempt: int, interval: float) -> None:
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, args=(jobs, job_id, interval), daemon=True,
+        self.thread = threading.Thread(target=self._beat, args=(jobs, job_id, attempt, interval), daemon=True,
                                        name=f"heartbeat-{job_id}")
 
-    def _beat(self, jobs: JobStore, job_id: str, interval: float) -> None:
+    def _beat(self, jobs: JobStore, job_id: str, attempt: int, interval: float) -> None:
         while not self.stop.wait(interval):
             try:
-                jobs.heartbeat(job_id)
+                jobs.heartbeat(job_id, attempt=attempt)
             except Exception as exc:  # A database hiccup must not kill the training; the next beat retries.
                 log.warning("heartbeat of job %s failed: %s", job_id, exc)
 
@@ -187,7 +187,9 @@ def _run_started(jobs: JobStore, job: dict, settings: Settings, cancel_poll_seco
     from training.pipeline import train
     from training.store import ModelStore
 
-    job_id = job["id"]
+    # This run's attempt number fences it: once the job was given up for lost and started again, this
+    # run's heartbeats, cancel checks and final status no longer touch the job (see JobStore.finish).
+    job_id, attempt = job["id"], job["attempts"]
     try:
         store = ModelStore(settings.model_dir)
         # A rerun after a crash between saving the version and recording it: reuse that version.
@@ -195,28 +197,30 @@ def _run_started(jobs: JobStore, job: dict, settings: Settings, cancel_poll_seco
         if done is not None:
             log.info("job %s already produced %s version %s", job_id, job["model"], done)
             metrics = store.metadata(job["model"], done).get("metrics", {})
-            return jobs.finish(job_id, "succeeded",
+            return jobs.finish(job_id, "succeeded", attempt=attempt,
                                result=_result(done, store.published_version(job["model"]) == done, metrics))
         params = parse_options(job["params"])
         source = DatasetStore.from_settings(settings).path(job["dataset"])
-        with _Heartbeat(jobs, job_id, settings.job_heartbeat_seconds):
+        with _Heartbeat(jobs, job_id, attempt, settings.job_heartbeat_seconds):
             result = train(source, job["model"], settings, params,
-                           progress=EpochHistory(lambda p: jobs.heartbeat(job_id, p)),
-                           cancel=_Throttled(lambda: jobs.cancel_requested(job_id), cancel_poll_seconds),
+                           progress=EpochHistory(lambda p: jobs.heartbeat(job_id, p, attempt=attempt)),
+                           cancel=_Throttled(lambda: jobs.cancel_requested(job_id, attempt), cancel_poll_seconds),
                            job_id=job_id)
     except Cancelled:
-        log.info("job %s cancelled", job_id)
-        return jobs.finish(job_id, "cancelled")
+        log.info("job %s cancelled or superseded (attempt %s)", job_id, attempt)
+        return jobs.finish(job_id, "cancelled", attempt=attempt)
     except SoftTimeLimitExceeded:
-        return jobs.finish(job_id, "failed", error=f"training ran longer than {SOFT_TIME_LIMIT_S / 3600:g} h")
+        return jobs.finish(job_id, "failed", attempt=attempt,
+                           error=f"training ran longer than {SOFT_TIME_LIMIT_S / 3600:g} h")
     except (TrainingError, ValueError) as exc:
         log.info("job %s failed: %s", job_id, exc)
-        return jobs.finish(job_id, "failed", error=str(exc))
+        return jobs.finish(job_id, "failed", error=str(exc), attempt=attempt)
     except Exception as exc:
         # Recorded, not re-raised: a job that crashes every time must not be redelivered forever.
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
-        return jobs.finish(job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
-    return jobs.finish(job_id, "succeeded", result=_result(result.version, result.published, result.metrics))
+        return jobs.finish(job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}", attempt=attempt)
+    return jobs.finish(job_id, "succeeded", attempt=attempt,
+                       result=_result(result.version, result.published, result.metrics))
 
 
 def _queue_size(app: Celery) -> int | None:

@@ -179,6 +179,26 @@ def test_stale_running_and_requeue_until_max_attempts(store):
     assert store.get(fresh["id"])["status"] == "running"
 
 
+def test_a_run_given_up_for_lost_is_fenced_off(store):
+    job = store.create("parts", "ds1", {})
+    assert store.start(job["id"], "frozen")["attempts"] == 1
+    assert store.requeue(job["id"]) is True
+    # Requeued but not started again: the first run must stop, and cannot finish or cancel the job.
+    assert store.cancel_requested(job["id"], attempt=1) is True
+    assert store.heartbeat(job["id"], {"phase": "head"}, attempt=1) is False
+    assert store.finish(job["id"], "cancelled", attempt=1) is None
+    assert store.get(job["id"])["status"] == "queued"
+
+    assert store.start(job["id"], "second")["attempts"] == 2
+    assert store.cancel_requested(job["id"], attempt=1) is True
+    assert store.cancel_requested(job["id"], attempt=2) is False
+    assert store.heartbeat(job["id"], {"phase": "old"}, attempt=1) is False
+    assert store.finish(job["id"], "succeeded", result={"version": 9}, attempt=1) is None
+    assert store.heartbeat(job["id"], {"phase": "head"}, attempt=2) is True
+    done = store.finish(job["id"], "succeeded", result={"version": 1}, attempt=2)
+    assert done["status"] == "succeeded" and done["result"] == {"version": 1} and done["progress"]["phase"] == "head"
+
+
 def test_requeue_leaves_a_job_that_heartbeated_since(store):
     job = store.create("parts", "ds1", {})
     store.start(job["id"], "w")

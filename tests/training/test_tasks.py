@@ -82,8 +82,8 @@ def test_cancel_while_running_stops_without_a_version(settings, jobs, monkeypatc
     job = jobs.create("digits", add_dataset(settings), PARAMS)
     heartbeat = JobStore.heartbeat
 
-    def heartbeat_then_cancel(self, job_id, progress=None):
-        alive = heartbeat(self, job_id, progress)
+    def heartbeat_then_cancel(self, job_id, progress=None, attempt=None):
+        alive = heartbeat(self, job_id, progress, attempt=attempt)
         if progress and progress["phase"] == "head":
             self.request_cancel(job_id)
         return alive
@@ -92,6 +92,27 @@ def test_cancel_while_running_stops_without_a_version(settings, jobs, monkeypatc
     done = run_job(job["id"], settings, "test", cancel_poll_seconds=0)
 
     assert done["status"] == "cancelled" and done["result"] is None
+    assert ModelStore(settings.model_dir).versions("digits") == []
+
+
+def test_a_frozen_run_that_wakes_after_being_requeued_saves_nothing(settings, jobs, monkeypatch):
+    """A worker frozen past JOB_STALE_SECONDS (not dead) is requeued; when it wakes it must step aside."""
+    job = jobs.create("digits", add_dataset(settings), PARAMS)
+    heartbeat = JobStore.heartbeat
+
+    def heartbeat_then_lose_the_job(self, job_id, progress=None, attempt=None):
+        alive = heartbeat(self, job_id, progress, attempt=attempt)
+        if progress and progress["phase"] == "head" and attempt == 1:
+            # Meanwhile the reconciler gave this run up and a second worker started the job.
+            self.requeue(job_id)
+            self.start(job_id, "second")
+        return alive
+
+    monkeypatch.setattr(JobStore, "heartbeat", heartbeat_then_lose_the_job)
+    assert run_job(job["id"], settings, "frozen", cancel_poll_seconds=0) is None
+
+    record = jobs.get(job["id"])
+    assert record["status"] == "running" and record["worker"] == "second" and record["attempts"] == 2
     assert ModelStore(settings.model_dir).versions("digits") == []
 
 
