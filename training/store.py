@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +78,23 @@ def disk_full_as_error(what: str) -> Iterator[None]:
             raise
         raise StoreFullError(f"disk full: {what}: {exc.strerror} ({errno.errorcode[exc.errno]}); "
                              "nothing was saved, free space and try again", exc.errno) from exc
+
+
+# Hidden work folders: a save or upload in progress, or a removal; never a version or a dataset.
+LEFTOVER_PREFIXES = (".staging-", ".deleting-")
+
+
+def sweep_leftovers(folder: Path, older_than_seconds: float) -> list[Path]:
+    """Remove the hidden work folders in `folder` untouched for `older_than_seconds` (a crash's leftovers)."""
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - older_than_seconds
+    swept = []
+    for entry in folder.iterdir():
+        if entry.name.startswith(LEFTOVER_PREFIXES) and entry.is_dir() and entry.stat().st_mtime < cutoff:
+            shutil.rmtree(entry, ignore_errors=True)
+            swept.append(entry)
+    return swept
 
 
 def fsync_tree(root: Path) -> None:
@@ -210,6 +228,13 @@ class ModelStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
         return version, published
+
+    def sweep(self, older_than_seconds: float) -> list[Path]:
+        """Remove what crashed saves and removals left behind, in every model's folder."""
+        if not self.root.is_dir():
+            return []
+        return [path for folder in self.root.iterdir() if folder.is_dir()
+                for path in sweep_leftovers(folder, older_than_seconds)]
 
     def _discard(self, path: Path) -> None:
         """Make a version folder disappear atomically, then remove its files."""

@@ -233,13 +233,29 @@ def _queue_size(app: Celery) -> int | None:
         return None
 
 
+# Older than any save or upload in progress: a staging folder this old was left by a crash.
+LEFTOVER_SECONDS = 3600
+
+
+def _sweep(settings: Settings) -> int:
+    """Remove the staging and removal folders that crashed saves and uploads left; return how many."""
+    from training.datasets import DatasetStore
+    from training.store import ModelStore, sweep_leftovers
+
+    swept = ModelStore(settings.model_dir).sweep(LEFTOVER_SECONDS)
+    swept += sweep_leftovers(DatasetStore.from_settings(settings).root, LEFTOVER_SECONDS)
+    for path in swept:
+        log.warning("removed %s, left by a crashed save or upload", path)
+    return len(swept)
+
+
 def reconcile(settings: Settings, app: Celery, stale_after_seconds: float | None = None,
               lost_after_seconds: float = 600) -> dict:
     """Requeue jobs whose worker died and re-send queued jobs whose message was lost; return counts."""
     if stale_after_seconds is None:
         stale_after_seconds = settings.job_stale_seconds
     jobs = JobStore.from_settings(settings)
-    counts = {"requeued": 0, "given_up": 0, "resent": 0}
+    counts = {"requeued": 0, "given_up": 0, "resent": 0, "swept": _sweep(settings)}
     requeued: set[str] = set()
     try:
         for job in jobs.stale_running(stale_after_seconds):

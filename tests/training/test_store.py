@@ -95,6 +95,10 @@ def test_a_crash_mid_write_leaves_no_visible_version(tmp_path):
     with pytest.raises(ModelNotFoundError):
         store.resolve_version("cats")
     assert save(store) == (1, True)
+    assert store.sweep(older_than_seconds=3600) == []  # a save may be in progress: too recent to remove
+    swept = store.sweep(older_than_seconds=-1)
+    assert [p.name[:9] for p in swept] == [".staging-"]
+    assert sorted(p.name for p in (tmp_path / "cats").iterdir()) == [".lock", "1", "published.json"]
 
 
 def test_concurrent_saves_get_distinct_versions(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from training.datasets import DatasetStore
 from training.demo import write_digits_dataset
 from training.jobs import JobStore
 from training.settings import Settings
@@ -160,6 +161,25 @@ def test_importing_tasks_does_not_import_tensorflow():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
+def test_reconcile_sweeps_what_crashed_saves_and_uploads_left(settings, jobs):
+    dataset_id = add_dataset(settings)
+    datasets_root = DatasetStore.from_settings(settings).root
+    old = [settings.model_dir / "digits" / ".staging-old", settings.model_dir / "digits" / ".deleting-old",
+           datasets_root / ".staging-old"]
+    recent = [settings.model_dir / "digits" / ".staging-now", datasets_root / ".staging-now"]
+    for folder in old + recent:
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "part").write_bytes(b"x")
+    for folder in old:
+        os.utime(folder, (time.time() - 7200, time.time() - 7200))
+
+    counts = reconcile(settings, make_celery(settings))
+
+    assert counts["swept"] == 3
+    assert [folder.exists() for folder in old + recent] == [False] * 3 + [True] * 2
+    assert DatasetStore.from_settings(settings).path(dataset_id).is_dir()  # a real dataset is never touched
+
+
 def test_reconcile_requeues_lost_workers_and_resends_lost_messages(settings, jobs):
     app = make_celery(settings)
     stale = jobs.create("digits", DATASET_ID)
@@ -172,7 +192,7 @@ def test_reconcile_requeues_lost_workers_and_resends_lost_messages(settings, job
 
     counts = reconcile(settings, app, stale_after_seconds=120, lost_after_seconds=600)
 
-    assert counts == {"requeued": 1, "given_up": 0, "resent": 1}
+    assert counts == {"requeued": 1, "given_up": 0, "resent": 1, "swept": 0}
     assert jobs.get(stale["id"])["status"] == "queued" and jobs.get(fresh["id"])["status"] == "queued"
     sent = sorted(p.read_bytes() for p in Path(app.conf.broker_transport_options["data_folder_in"]).iterdir())
     assert len(sent) == 2
