@@ -46,13 +46,15 @@ def fetch(url: str, data: bytes | None = None, headers: dict | None = None) -> t
         return exc.code, exc.read()
 
 
-def multipart(field: str, files: list[bytes]) -> tuple[bytes, str]:
-    """A multipart body with each of `files` as a PNG part named `field`, and its Content-Type."""
+def multipart(field: str, files: list[bytes], names: list[str] | None = None) -> tuple[bytes, str]:
+    """A multipart body with each of `files` as a part named `field` (file names `names`, else
+    0.png, 1.png, ...), and its Content-Type."""
     boundary = uuid.uuid4().hex
     body = io.BytesIO()
     for index, data in enumerate(files):
-        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{index}.png"\r\n'
-                   "Content-Type: image/png\r\n\r\n".encode())
+        name = names[index] if names else f"{index}.png"
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                   "Content-Type: application/octet-stream\r\n\r\n".encode())
         body.write(data + b"\r\n")
     body.write(f"--{boundary}--\r\n".encode())
     return body.getvalue(), f"multipart/form-data; boundary={boundary}"

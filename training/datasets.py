@@ -49,6 +49,12 @@ def validate_id(dataset_id: str) -> str:
     return dataset_id
 
 
+def display_name(filename: str | None) -> str:
+    """A safe file name for an upload, from the name its client gave it ("archive" when none is usable)."""
+    name = re.sub(r"[^\w.\- ]", "_", Path(filename or "").name).strip(" .")[:100]
+    return name or "archive"
+
+
 class DatasetStore:
     """Validated datasets under one root folder (`DATA_DIR/datasets`)."""
 
@@ -60,21 +66,25 @@ class DatasetStore:
         """Open the store at the settings' datasets folder."""
         return cls(settings.datasets_dir)
 
-    def add_archive(self, stream: BinaryIO, limits: IngestLimits, max_bytes: int) -> dict:
+    def add_archive(self, stream: BinaryIO, limits: IngestLimits, max_bytes: int, filename: str | None = None) -> dict:
         """Store an uploaded archive once validated; return its record, with `existing` telling if it was known.
 
         Raises ArchiveError for an upload over `max_bytes` or an invalid archive and
         DatasetError for a dataset that cannot be trained on; nothing is left behind.
+        `filename`, the name the client gave the upload, is only used to name it in error messages.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
+        (staging / "upload").mkdir(parents=True)
+        upload = staging / "upload" / display_name(filename)
         try:
-            digest, size = _save_stream(stream, staging / "archive", max_bytes)
+            digest, size = _save_stream(stream, upload, max_bytes)
             dataset_id = digest[:16]
             if (self.root / dataset_id).is_dir():
                 return self._existing(dataset_id)
-            dataset = ingest(staging / "archive", workdir=staging / "data", limits=limits)
+            dataset = ingest(upload, workdir=staging / "data", limits=limits)
+            upload.rename(staging / "archive")
+            (staging / "upload").rmdir()
             report = dataset.report()
             # The ingest id hashes the labeled images, not the bytes: kept, since two packings of one
             # dataset share it.

@@ -51,7 +51,7 @@ def upload_archive() -> dict:
     settings = current_app.config["SETTINGS"]
     # ArchiveError / DatasetError are TrainingErrors with status 400: service.errors answers them.
     return get_datasets().add_archive(part.stream, IngestLimits.from_settings(settings),
-                                      settings.max_upload_mb * 2**20)
+                                      settings.max_upload_mb * 2**20, part.filename)
 
 
 @bp.route("", methods=["POST"])

@@ -605,7 +605,7 @@ def request_cases() -> list[Case]:
         case("predict-wrong-key", form(PREDICT, [("image", "a.png", png)], key="guessed-key"), 401, ""),
         case("datasets-prediction-key", form(DATASETS, [("file", "a.zip", b"PK")], key=PREDICTION_KEY), 403, ""),
         case("datasets-no-file", form(DATASETS, [("other", None, b"x")]), 400, "no archive"),
-        case("datasets-empty-file", form(DATASETS, [("file", "a.zip", b"")]), 400, "not a supported dataset"),
+        case("datasets-empty-file", form(DATASETS, [("file", "a.zip", b"")]), 400, "'a.zip' does not start like one"),
         case("datasets-raw-body", Request("POST", DATASETS, archive_zip(good(31)), "application/zip"), 415,
              "multipart/form-data"),
         case("datasets-300-parts", form(DATASETS, [(f"field{n}", None, b"x") for n in range(300)]), 413,

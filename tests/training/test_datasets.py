@@ -244,3 +244,20 @@ def test_unpacked_path_is_ready_for_training(store, rng):
 
 def test_from_settings_uses_datasets_dir(settings):
     assert DatasetStore.from_settings(settings).root == settings.datasets_dir
+
+
+@pytest.mark.parametrize(("given", "safe"), [
+    ("photos.zip", "photos.zip"), ("../../etc/passwd", "passwd"), ("C:\\Users\\me\\set.zip", "C__Users_me_set.zip"),
+    ("données 1.tar.gz", "données 1.tar.gz"), ("a/b/<x>.zip", "_x_.zip"), (None, "archive"), ("", "archive"),
+    ("..", "archive"), ("/", "archive"),
+])
+def test_upload_names_are_made_safe(given, safe):
+    assert datasets.display_name(given) == safe
+
+
+def test_errors_name_the_uploaded_file_and_it_is_stored_as_archive(store, rng):
+    with pytest.raises(ArchiveError, match="'notes.zip' does not start like one"):
+        store.add_archive(io.BytesIO(b"these are notes"), LIMITS, MAX_BYTES, "../notes.zip")
+    assert leftovers(store) == []
+    record = store.add_archive(io.BytesIO(zip_bytes(rng, {"a": 5, "b": 5})), LIMITS, MAX_BYTES, "set.zip")
+    assert sorted(p.name for p in (store.root / record["id"]).iterdir()) == ["archive", "data", "report.json"]

@@ -358,8 +358,9 @@ def test_the_page_trains_predicts_compares_and_reports_errors(service, browser, 
         step[0] = "errors"
         page.get_by_role("tab", name="New model").click()
         page.get_by_label("Dataset archive").set_input_files(files["not_archive"])
-        body, content_type = multipart("file", [files["not_archive"].read_bytes()])
+        body, content_type = multipart("file", [files["not_archive"].read_bytes()], names=["notes.zip"])
         message = api_error(base, "/v1/datasets", body, content_type)
+        assert "'notes.zip'" in message, message  # the error names the user's own file
         alert = page.get_by_role("alert")
         expect(alert).to_be_visible()
         expect(alert).to_contain_text(message)
