@@ -32,4 +32,7 @@ def index():
 
 def init_app(app: Flask) -> None:
     """Register the page's blueprint."""
+    # Assets are revalidated on every load (a cheap 304 while unchanged), so after an upgrade no
+    # browser runs an old app.js against the new API; Flask's default leaves it to heuristics.
+    app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 0
     app.register_blueprint(bp)

@@ -98,3 +98,10 @@ def test_unknown_static_files_and_paths_outside_the_folder_are_404(keyed_client)
 def test_the_page_is_not_in_the_api_spec(keyed_client):
     spec = keyed_client.get("/openapi.json").get_json()
     assert "/" not in spec["paths"] and not any(path.startswith("/static") for path in spec["paths"])
+
+
+def test_assets_are_revalidated_so_an_upgrade_reaches_every_browser(keyed_client):
+    first = keyed_client.get("/static/app.js")
+    assert first.status_code == 200 and "max-age=0" in first.headers["Cache-Control"]
+    again = keyed_client.get("/static/app.js", headers={"If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304 and again.data == b""
