@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -12,7 +13,7 @@ from flask import Response, current_app, request, url_for
 from service.api.datasets import ARCHIVE_BODY, FILE_FIELD, MULTIPART, checked_id, upload_archive, with_url
 from service.api.schemas import ErrorSchema, JobEnvelopeSchema, JobListQuerySchema, JobListSchema, JobSchema
 from service.auth import TRAIN, role
-from service.errors import ServiceError
+from service.errors import Overloaded, ServiceError
 from service.inputs import model_name
 from service.jobs_ext import get_celery, get_datasets, get_jobs
 from service.openapi import Blueprint
@@ -181,20 +182,36 @@ def job_events(jobs: JobStore, job_id: str, url: str, *, poll_s: float = EVENTS_
         sleep(poll_s)
 
 
+def stream_slots() -> threading.BoundedSemaphore:
+    """This process's event-stream slots: each open stream holds a server thread, so at most half of
+    them (EVENT_STREAMS config, else THREADS // 2) may stream, and predictions always find a thread."""
+    extensions = current_app.extensions
+    if "event_streams" not in extensions:
+        limit = current_app.config.get("EVENT_STREAMS") or max(1, current_app.config["SETTINGS"].threads // 2)
+        extensions["event_streams"] = threading.BoundedSemaphore(limit)
+    return extensions["event_streams"]
+
+
 @bp.route("/jobs/<job_id>/events", methods=["GET"])
 @role(TRAIN)
 @bp.response(200, description="`text/event-stream`: `event: job` with the job JSON whenever it changes; "
                               "ends after a final state", content_type="text/event-stream")
 @bp.alt_response(404, schema=ErrorSchema, description="No such job")
+@bp.alt_response(503, schema=ErrorSchema, description="Too many open event streams: poll `GET /v1/jobs/{id}`")
 def events(job_id: str):
     """Follow a job as server-sent events until it succeeds, fails or is cancelled."""
     jobs = get_jobs()
     jobs.get(job_id)  # 404 now, before the stream starts
+    slots = stream_slots()
+    if not slots.acquire(blocking=False):
+        raise Overloaded("too many open event streams on this server; poll GET /v1/jobs/{id} instead", 5)
     config = current_app.config
     stream = job_events(jobs, job_id, job_url(job_id),
                         poll_s=config.get("EVENTS_POLL_S", EVENTS_POLL_S),
                         keepalive_s=config.get("EVENTS_KEEPALIVE_S", EVENTS_KEEPALIVE_S),
                         lifetime_s=config.get("EVENTS_LIFETIME_S", EVENTS_LIFETIME_S))
     # Proxies (nginx) must pass each event on at once rather than buffer the stream.
-    return Response(stream, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(stream, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(slots.release)  # when the stream ends or the client goes away
+    return response

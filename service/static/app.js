@@ -643,6 +643,10 @@ async function streamJob(id, signal) {
     try {
       const response = await fetch(`/v1/jobs/${enc(id)}/events`,
         {headers: authHeaders({Accept: "text/event-stream"}), signal, cache: "no-store"});
+      if (response.status === 503) {
+        await response.body?.cancel();
+        return pollJob(id, signal); // every event stream of the server is taken: poll instead
+      }
       if (!response.ok) throw await errorFrom(response);
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
@@ -672,6 +676,16 @@ async function streamJob(id, signal) {
     }
     if (final) return;
     await sleep(1000 * Math.max(1, failures), signal);
+  }
+}
+
+// Follow a job by reading its record every 2 s, when the server has no event stream to spare.
+async function pollJob(id, signal) {
+  while (!signal.aborted) {
+    const job = await api(`/v1/jobs/${enc(id)}`, {signal});
+    await renderJob(job);
+    if (FINAL.has(job.status)) return;
+    await sleep(2000, signal);
   }
 }
 

@@ -23,6 +23,7 @@ from service.jobs_ext import close_jobs
 from service.runtime_ext import close_runtime
 from tests.live import zip_folder
 from training.demo import write_digits_dataset
+from training.jobs import JobStore
 from training.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -287,3 +288,29 @@ def test_event_stream_sends_changes_keepalives_and_ends():
                               "/v1/jobs/j", poll_s=1, keepalive_s=100, lifetime_s=3, clock=lambda: now[0],
                               sleep=sleep))
     assert endless[0].startswith("event: job") and "lifetime" in endless[-1] and len(endless) == 2
+
+
+def test_event_streams_are_capped_so_predictions_keep_their_threads(japp, job_settings, dataset_id):
+    job = JobStore.from_settings(job_settings).create("digits", dataset_id, {})  # stays queued: no worker here
+    japp.config["EVENT_STREAMS"] = 2
+    japp.extensions.pop("event_streams", None)
+    client = japp.test_client()
+    url = f"/v1/jobs/{job['id']}/events"
+    try:
+        first, second = (client.get(url, buffered=False) for _ in range(2))
+        assert first.status_code == second.status_code == 200
+        assert next(first.response).startswith(b"event: job")
+
+        refused = client.get(url)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        assert refused.get_json()["error"]["code"] == "overloaded"
+        assert "poll GET /v1/jobs/" in refused.get_json()["error"]["message"]
+
+        first.close()  # the client went away: its slot is free again
+        third = client.get(url, buffered=False)
+        assert third.status_code == 200
+        third.close()
+        second.close()
+    finally:
+        japp.config.pop("EVENT_STREAMS")
+        japp.extensions.pop("event_streams", None)
