@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -15,6 +16,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# CI provides PostgreSQL here; the variable only lets a developer point elsewhere.
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
@@ -105,3 +108,28 @@ def digits_zip(folder: Path, per_class: int = 8, classes: int = 3) -> bytes:
     root = folder / f"digits-{per_class}x{classes}"
     write_digits_dataset(root, image_size=32, per_class=per_class, classes=classes)
     return zip_folder(root)
+
+
+@contextlib.contextmanager
+def postgres_schema(prefix: str = "test"):
+    """A URL on the test PostgreSQL whose connections use a fresh schema, dropped afterwards (fails loudly
+    when PostgreSQL does not answer: `.ci/run` starts it)."""
+    import pytest
+    import sqlalchemy as sa
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} does not answer (set TEST_POSTGRES_URL to another one): {exc}",
+                    pytrace=False)
+    url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

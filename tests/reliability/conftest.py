@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench.reliability import record
-from tests.live import GUNICORN, ROOT, free_port, server_env, wait_healthy
+from tests.live import GUNICORN, ROOT, free_port, postgres_schema, server_env, wait_healthy
 from tests.service.conftest import digit_pngs, trained_settings  # noqa: F401  (fixtures used here)
 from tests.service.test_faults import Api as FaultsApi
 from tests.training.test_tasks import start_worker, stop_worker, worker_env
@@ -259,14 +259,16 @@ class Stack:
 def live_stack(tmp_path):
     """Start a live stack (API, workers, reconciler): `live_stack(broker_url, model_dir=None)`; stopped afterwards."""
     stacks: list[Stack] = []
+    schemas = contextlib.ExitStack()
 
     def make(broker_url: str, model_dir: Path | None = None, workers: int = 1) -> Stack:
         folder = tmp_path / f"stack-{len(stacks)}"
         folder.mkdir()
         data = folder / "data"
+        # Job records in PostgreSQL, as docker-compose.yml deploys them (SQLite is covered by tests/service).
+        database_url = schemas.enter_context(postgres_schema("reliability"))
         settings = Settings(model_dir=model_dir or folder / "models", data_dir=data, backbone_weights="none",
-                            keras_home=folder / "keras", celery_broker_url=broker_url,
-                            database_url=f"sqlite:///{data / 'jobs.sqlite3'}",  # the path the workers use
+                            keras_home=folder / "keras", celery_broker_url=broker_url, database_url=database_url,
                             job_heartbeat_seconds=0.5, job_stale_seconds=5)
         stack = Stack(settings, folder, Gunicorn(settings, folder / "api.log",
                                                  JOB_HEARTBEAT_SECONDS="0.5", JOB_STALE_SECONDS="5"))
@@ -280,6 +282,7 @@ def live_stack(tmp_path):
     yield make
     for stack in stacks:
         stack.stop()
+    schemas.close()
 
 
 @pytest.fixture

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
 import sqlalchemy as sa
 
+from tests.live import postgres_schema
 from training.errors import TrainingError
 from training.jobs import JobNotFoundError, JobStore, jobs
 from training.progress import Progress
 from training.settings import Settings
 
-# CI provides PostgreSQL here; the variable only lets a developer point elsewhere.
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 KEYS = {"id", "model", "dataset", "params", "status", "progress", "result", "error", "cancel_requested",
         "attempts", "worker", "created_at", "started_at", "finished_at", "heartbeat_at"}
 
@@ -28,20 +25,8 @@ KEYS = {"id", "model", "dataset", "params", "status", "progress", "result", "err
 @pytest.fixture(scope="session")
 def postgres_url():
     """A URL whose connections use a fresh schema, dropped after the session, so reruns start clean."""
-    schema = f"jobs_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.fail(f"PostgreSQL at {POSTGRES_URL} does not answer (set TEST_POSTGRES_URL to another one): {exc}",
-                    pytrace=False)
-    url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    yield url.render_as_string(hide_password=False)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with postgres_schema("jobs_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -205,7 +205,8 @@ def test_reconcile_requeues_lost_workers_and_resends_lost_messages(settings, job
 def worker_env(settings: Settings, broker_url: str | None) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "CELERY_BROKER_URL"}
     env.update(MODEL_DIR=str(settings.model_dir), DATA_DIR=str(settings.data_dir), BACKBONE_WEIGHTS="none",
-               KERAS_HOME=str(settings.keras_home), DATABASE_URL=f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}",
+               KERAS_HOME=str(settings.keras_home),
+               DATABASE_URL=settings.database_url or f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}",
                TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT),
                JOB_HEARTBEAT_SECONDS=str(settings.job_heartbeat_seconds),
                JOB_STALE_SECONDS=str(settings.job_stale_seconds))
