@@ -106,6 +106,8 @@ def report(records: dict[str, dict]) -> list[str]:
         block = formatter(data) if formatter else [f"{name}: {json.dumps(data, sort_keys=True)}"]
         if formatter and data.get("recorded") and block:
             block[0] += f" [recorded {data['recorded']}]"
+        if formatter and name not in FORMATTERS and block:
+            block[0] += f" [record {name}]"  # e.g. bad_inputs-partial: a run of part of the corpus
         lines += block
     return lines
 

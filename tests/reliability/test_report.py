@@ -101,3 +101,12 @@ def test_the_report_command_runs_as_a_module(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("faults survived: 2 of 2")
+
+
+def test_a_partial_run_is_named_and_never_stands_in_for_the_whole_one(records_dir, capsys):
+    record("bad_inputs-partial", {**BAD_INPUTS, "tried": 7})
+
+    status, out, err = run_report(capsys, "--require", "bad_inputs")
+
+    assert status == 1 and "missing records: bad_inputs" in err
+    assert "bad inputs tried: 7, unexpected answers: 0 [record bad_inputs-partial]" in out
