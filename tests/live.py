@@ -78,6 +78,16 @@ def wait_healthy(base: str, process: subprocess.Popen, log_path: Path | None = N
         time.sleep(0.2)
 
 
+def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """Stop a server process: SIGTERM (a graceful shutdown), SIGKILL if it is still there after `grace_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def child_pids(pid: int) -> set[int]:
     """Process ids whose parent is `pid` (from /proc: the field after the command name)."""
     found = set()

@@ -19,7 +19,7 @@ from tests.hardening import corpus
 from tests.hardening.conftest import make_sentinel, service_env, victim_digest
 from tests.hardening.send import send_http, send_wsgi, wait_until_up
 from tests.hardening.test_hostile_archives import left_behind
-from tests.live import GUNICORN, ROOT, child_pids, free_port
+from tests.live import GUNICORN, ROOT, child_pids, free_port, stop
 
 HOST = "127.0.0.1"
 
@@ -48,12 +48,7 @@ def gunicorn(tmp_path, trained_models):
         wait_until_up(HOST, port, process)
         yield port, process, sentinel, log_path
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def rss_mb(pids: set[int]) -> dict[str, float]:

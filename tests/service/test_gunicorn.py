@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import GUNICORN, ROOT, child_pids, fetch, free_port, multipart, server_env, wait_healthy
+from tests.live import GUNICORN, ROOT, child_pids, fetch, free_port, multipart, server_env, stop, wait_healthy
 from tests.service.conftest import MODEL
 from tests.service.test_metrics import metric_value
 
@@ -25,12 +25,7 @@ def gunicorn_server(trained_settings, tmp_path):
         wait_healthy(base, process, Path(log.name))
         yield base, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         log.close()
 
 
