@@ -78,6 +78,21 @@ def wait_healthy(base: str, process: subprocess.Popen, log_path: Path | None = N
         time.sleep(0.2)
 
 
+def flush_redis(url: str) -> str:
+    """Empty one database of the machine's Redis; fail (never skip) when Redis does not answer."""
+    import pytest
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.flushdb()
+    except redis.exceptions.RedisError as exc:
+        pytest.fail(f"these tests need Redis at {url} (CI starts one): {exc}", pytrace=False)
+    finally:
+        client.close()
+    return url
+
+
 def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
     """Stop a server process: SIGTERM (a graceful shutdown), SIGKILL if it is still there after `grace_s`."""
     process.terminate()

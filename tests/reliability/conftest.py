@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench.reliability import record
-from tests.live import GUNICORN, ROOT, free_port, postgres_schema, server_env, wait_healthy
+from tests.live import GUNICORN, ROOT, flush_redis, free_port, postgres_schema, server_env, wait_healthy
 from tests.service.conftest import digit_pngs, trained_settings  # noqa: F401  (fixtures used here)
 from tests.service.test_faults import Api as FaultsApi
 from tests.training.test_tasks import start_worker, stop_worker, worker_env
@@ -38,16 +38,7 @@ RECONCILE_EVERY_S = 1.0
 
 def flush_shared_redis() -> str:
     """Empty database 11 of the machine's Redis; fail (never skip) when it does not answer."""
-    import redis
-
-    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    except redis.exceptions.RedisError as exc:
-        pytest.fail(f"these tests need Redis at {SHARED_REDIS_URL} (CI starts one): {exc}", pytrace=False)
-    finally:
-        client.close()
-    return SHARED_REDIS_URL
+    return flush_redis(SHARED_REDIS_URL)
 
 
 class RedisServer:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.live import GUNICORN, ROOT, digits_zip, fetch, free_port, server_env, wait_healthy
+from tests.live import GUNICORN, ROOT, digits_zip, fetch, flush_redis, free_port, server_env, wait_healthy
 from tests.training.test_tasks import start_worker, stop_worker
 from training.settings import Settings
 from training.store import ModelStore
@@ -19,15 +19,7 @@ LONG_JOB = {"image_size": 32, "epochs": 300, "patience": 300}
 
 @pytest.fixture
 def fault_settings(tmp_path) -> Settings:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    except redis.exceptions.RedisError as exc:
-        pytest.fail(f"these tests need Redis at {REDIS_URL} (CI starts one): {exc}", pytrace=False)
-    finally:
-        client.close()
+    flush_redis(REDIS_URL)
     return Settings(model_dir=tmp_path / "models", data_dir=tmp_path / "data", backbone_weights="none",
                     keras_home=tmp_path / "keras", celery_broker_url=REDIS_URL,
                     database_url=f"sqlite:///{tmp_path / 'data' / 'jobs.sqlite3'}")  # as the worker's

@@ -21,13 +21,12 @@ import redis
 from service import create_app
 from service.jobs_ext import close_jobs
 from service.runtime_ext import close_runtime
-from tests.live import zip_folder
+from tests.live import ROOT, zip_folder
 from training.demo import write_digits_dataset
 from training.jobs import JobStore
 from training.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
-ROOT = Path(__file__).resolve().parents[2]
 TRAIN_OPTIONS = {"image_size": 32, "epochs": 3}
 JOB_TIMEOUT_S = 90
 

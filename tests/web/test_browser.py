@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import GUNICORN, ROOT, fetch, free_port, multipart, server_env, wait_healthy
+from tests.live import GUNICORN, ROOT, fetch, flush_redis, free_port, multipart, server_env, wait_healthy
 from tests.training.test_tasks import start_worker, stop_worker
 from training.demo import write_digits_dataset
 from training.settings import Settings
@@ -55,15 +55,7 @@ new MutationObserver(() => {
 
 @pytest.fixture(scope="module")
 def web_settings(tmp_path_factory) -> Settings:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    except redis.exceptions.RedisError as exc:
-        pytest.fail(f"the browser test needs Redis at {REDIS_URL} (CI starts one): {exc}", pytrace=False)
-    finally:
-        client.close()
+    flush_redis(REDIS_URL)
     root = tmp_path_factory.mktemp("web")
     return Settings(model_dir=root / "models", data_dir=root / "data", backbone_weights="none",
                     keras_home=root / "keras", celery_broker_url=REDIS_URL,
