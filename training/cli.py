@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list stored models")
     models.add_argument("--json", action="store_true", help="print JSON")
 
-    reconcile = sub.add_parser("reconcile", help="requeue training jobs whose worker died; re-send lost messages")
+    reconcile = sub.add_parser("reconcile", help="requeue training jobs whose worker died; re-send lost messages; "
+                                                 "kill runs that ignore a cancel")
     reconcile.add_argument("--every", type=float, help="repeat every N seconds (default: once)")
     reconcile.add_argument("--lost-after", type=float, default=600.0, metavar="SECONDS",
                            help="re-send a queued job's message once the job is this old (default: 600)")

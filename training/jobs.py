@@ -7,19 +7,22 @@ overwrite a final state: the database decides, and the loser sees that it lost.
 
 SQLite (the default, under `DATA_DIR`) runs in WAL mode with a busy timeout so several
 processes on one machine can share it; `DATABASE_URL` points it at PostgreSQL instead.
+A table made by an earlier version gains the newer columns when a store opens it (`UPGRADE_COLUMNS`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from training.errors import TrainingError
+from training.errors import StoreConflictError, TrainingError
 from training.settings import Settings
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -28,12 +31,18 @@ FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 ACTIVE_STATUSES = (QUEUED, RUNNING)
 # How long a SQLite writer waits for another process's write lock before giving up.
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# An Idempotency-Key: 1 to 255 printable ASCII characters (the column's width).
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
 
 
 class JobNotFoundError(TrainingError):
     """A job id that is not in the job store."""
 
     status = 404
+
+
+class IdempotencyConflictError(StoreConflictError):
+    """An idempotency key already used for a job with another model, dataset or options."""
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -78,10 +87,20 @@ jobs = sa.Table(
     sa.Column("started_at", UTCDateTime, nullable=True),
     sa.Column("finished_at", UTCDateTime, nullable=True),
     sa.Column("heartbeat_at", UTCDateTime, nullable=True),
+    # Added after the first release: `JobStore` adds them to an older table (UPGRADE_COLUMNS).
+    sa.Column("cancel_requested_at", UTCDateTime, nullable=True),
+    sa.Column("idempotency_key", sa.String(255), nullable=True),
     sa.Index("ix_jobs_status_created_at", "status", "created_at"),
+    # Unique, so two requests with one key cannot both record a job (NULLs, no key, never collide).
+    sa.Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
 )
 
-TIMESTAMPS = ("created_at", "started_at", "finished_at", "heartbeat_at")
+TIMESTAMPS = ("created_at", "started_at", "finished_at", "heartbeat_at", "cancel_requested_at")
+# Columns added since the first release: a table made before them gets them with ALTER TABLE.
+# SQLite cannot add a UNIQUE column, so the key's uniqueness comes from an index made afterwards.
+UPGRADE_COLUMNS = ("cancel_requested_at", "idempotency_key")
+UPGRADE_INDEXES = {"ix_jobs_idempotency_key":
+                   "CREATE UNIQUE INDEX IF NOT EXISTS ix_jobs_idempotency_key ON jobs (idempotency_key)"}
 
 
 def utcnow() -> datetime:
@@ -95,6 +114,28 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
     cursor.close()
+
+
+def check_idempotency_key(key: str) -> str:
+    """Check an idempotency key: 1 to 255 printable ASCII characters."""
+    if not isinstance(key, str) or not IDEMPOTENCY_KEY_PATTERN.match(key):
+        shown = repr(key) if not isinstance(key, str) or len(key) <= 64 else f"{key[:64]!r}... ({len(key)} characters)"
+        raise ValueError(f"Idempotency-Key must be 1-255 printable ASCII characters, received: {shown}")
+    return key
+
+
+def _same_request(job: dict, model: str, dataset: str, params: dict) -> dict:
+    """Return the job recorded under an idempotency key if it was asked for the same training, else refuse."""
+    asked = {"model": model, "dataset": dataset, "params": params}
+    differs = [name for name, value in asked.items() if job[name] != value]
+    if differs:
+        def show(values: dict) -> str:
+            return ", ".join(f"{name} {values[name]!r}" for name in differs)
+
+        raise IdempotencyConflictError(
+            f"this Idempotency-Key was used for job {job['id']} with {show(job)}; a different job needs a new "
+            f"key, received: {show(asked)}")
+    return job
 
 
 def _as_dict(row: sa.Row) -> dict:
@@ -137,13 +178,47 @@ class JobStore:
         return sa.create_engine(parsed, pool_pre_ping=True)
 
     def _create_table(self) -> None:
-        """Create the table if it is missing."""
+        """Create the table if it is missing, and upgrade one made by an earlier version."""
         try:
             metadata.create_all(self.engine)
         except sa.exc.DBAPIError:
             # Two processes starting at once can both see no table and both create it; the loser
             # fails, and a second checked create finds the winner's table.
             metadata.create_all(self.engine)
+        self._upgrade_table()
+
+    def _missing(self) -> tuple[list[str], list[str]]:
+        """The upgrade columns and indexes the table lacks."""
+        inspector = sa.inspect(self.engine)
+        columns = {column["name"] for column in inspector.get_columns("jobs")}
+        indexes = {index["name"] for index in inspector.get_indexes("jobs")}
+        return [name for name in UPGRADE_COLUMNS if name not in columns], \
+            [name for name in UPGRADE_INDEXES if name not in indexes]
+
+    def _upgrade_table(self) -> None:
+        """Add the columns and indexes newer than the table; idempotent, and safe when processes race."""
+        columns, indexes = self._missing()
+        for name in columns:
+            column_type = jobs.c[name].type.compile(dialect=self.engine.dialect)
+            self._run_upgrade(f"ALTER TABLE jobs ADD COLUMN {name} {column_type}",
+                              lambda name=name: name in self._missing()[0])
+        if "cancel_requested_at" in columns:
+            with self.engine.begin() as conn:
+                # A cancel asked for before the upgrade has no time recorded: its grace period starts now.
+                conn.execute(jobs.update().where(jobs.c.status == RUNNING, jobs.c.cancel_requested.is_(True),
+                                                 jobs.c.cancel_requested_at.is_(None))
+                             .values(cancel_requested_at=utcnow()))
+        for name in indexes:
+            self._run_upgrade(UPGRADE_INDEXES[name], lambda name=name: name in self._missing()[1])
+
+    def _run_upgrade(self, ddl: str, still_missing: Callable[[], bool]) -> None:
+        """Run one upgrade statement; a failure is fine when another process made the same change first."""
+        try:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(ddl)
+        except sa.exc.DBAPIError:
+            if still_missing():
+                raise
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -156,20 +231,42 @@ class JobStore:
             raise JobNotFoundError(f"no job with id {job_id!r}")
         return _as_dict(row)
 
-    def create(self, model: str, dataset: str, params: dict | None = None) -> dict:
-        """Record a new queued job and return it."""
+    def create(self, model: str, dataset: str, params: dict | None = None,
+               idempotency_key: str | None = None) -> dict:
+        """Record a new queued job and return it; with a key already used, return that key's job instead.
+
+        A key's job must have the same model, dataset and params, or IdempotencyConflictError (409) is raised.
+        """
         params = dict(params or {})
         try:
             json.dumps(params)
         except (TypeError, ValueError) as exc:
             raise TrainingError(f"job params must be JSON-able, received: {params!r} ({exc})") from None
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+            existing = self._by_key(idempotency_key)
+            if existing is not None:
+                return _same_request(existing, model, dataset, params)
         job_id = uuid.uuid4().hex
-        with self.engine.begin() as conn:
-            conn.execute(jobs.insert().values(
-                id=job_id, model=model, dataset=dataset, params=params, status=QUEUED,
-                cancel_requested=False, attempts=0, created_at=utcnow(),
-            ))
-            return self._fetch(conn, job_id)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(jobs.insert().values(
+                    id=job_id, model=model, dataset=dataset, params=params, status=QUEUED,
+                    cancel_requested=False, attempts=0, created_at=utcnow(), idempotency_key=idempotency_key,
+                ))
+                return self._fetch(conn, job_id)
+        except sa.exc.IntegrityError:
+            # A concurrent request with the same key recorded its job first (the unique index): return the winner's.
+            existing = None if idempotency_key is None else self._by_key(idempotency_key)
+            if existing is None:
+                raise
+            return _same_request(existing, model, dataset, params)
+
+    def _by_key(self, idempotency_key: str) -> dict | None:
+        """The job recorded with this idempotency key, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == idempotency_key)).first()
+        return None if row is None else _as_dict(row)
 
     def get(self, job_id: str) -> dict:
         """Return one job, or raise `JobNotFoundError`."""
@@ -232,14 +329,18 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> dict:
         """Cancel a queued job now, ask a running one to stop; a finished job is returned unchanged."""
+        now = utcnow()
         with self.engine.begin() as conn:
             # The write comes first so SQLite takes its write lock before any read in this transaction.
             conn.execute(
                 jobs.update().where(jobs.c.id == job_id, jobs.c.status == QUEUED)
-                .values(status=CANCELLED, cancel_requested=True, finished_at=utcnow())
+                .values(status=CANCELLED, cancel_requested=True, cancel_requested_at=now, finished_at=now)
             )
+            # The first request starts the grace period (JOB_CANCEL_GRACE_SECONDS); asking again does not
+            # put off the reconciler killing a run that ignores it.
             conn.execute(
-                jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING).values(cancel_requested=True)
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == RUNNING, jobs.c.cancel_requested_at.is_(None))
+                .values(cancel_requested=True, cancel_requested_at=now)
             )
             return self._fetch(conn, job_id)
 
@@ -265,6 +366,17 @@ class JobStore:
             rows = conn.execute(
                 sa.select(jobs).where(jobs.c.status == RUNNING, jobs.c.heartbeat_at < cutoff)
                 .order_by(jobs.c.heartbeat_at)
+            ).all()
+        return [_as_dict(row) for row in rows]
+
+    def cancel_overdue(self, grace_seconds: float) -> list[dict]:
+        """Return running jobs whose cancel was requested more than `grace_seconds` ago (they ignore it)."""
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs).where(jobs.c.status == RUNNING, jobs.c.cancel_requested.is_(True),
+                                      jobs.c.cancel_requested_at < cutoff)
+                .order_by(jobs.c.cancel_requested_at)
             ).all()
         return [_as_dict(row) for row in rows]
 

@@ -48,11 +48,15 @@ class Settings:
     # for JOB_STALE_SECONDS is taken as lost and requeued by the reconciler.
     job_heartbeat_seconds: float = 15.0
     job_stale_seconds: float = 90.0
+    # A running job still going this long after its cancel request is killed by the reconciler.
+    job_cancel_grace_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 < self.job_heartbeat_seconds < self.job_stale_seconds:
             raise ValueError("JOB_HEARTBEAT_SECONDS must be above 0 and below JOB_STALE_SECONDS, received: "
                              f"{self.job_heartbeat_seconds} and {self.job_stale_seconds}")
+        if not self.job_cancel_grace_seconds > 0:
+            raise ValueError(f"JOB_CANCEL_GRACE_SECONDS must be above 0, received: {self.job_cancel_grace_seconds}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"PRECISION must be one of {PRECISIONS}, received: {self.precision!r}")
         for name in ("max_upload_mb", "max_archive_entries", "max_archive_mb",
@@ -116,6 +120,7 @@ class Settings:
             max_queue_images=number("MAX_QUEUE_IMAGES", defaults.max_queue_images),
             job_heartbeat_seconds=number("JOB_HEARTBEAT_SECONDS", defaults.job_heartbeat_seconds, float),
             job_stale_seconds=number("JOB_STALE_SECONDS", defaults.job_stale_seconds, float),
+            job_cancel_grace_seconds=number("JOB_CANCEL_GRACE_SECONDS", defaults.job_cancel_grace_seconds, float),
         )
 
 

@@ -8,6 +8,10 @@ A version is written into a hidden staging folder, flushed, then renamed into
 place, so readers never see a half-written version; `published.json` is replaced
 atomically, so a reader sees the old or the new version, never a mix. Models are
 loaded only from the store, with Keras safe mode on.
+
+`<root>/<name>/counter.json` records the highest version number ever handed out, so
+a number is never given twice, even after the newest version was deleted: serving
+caches are keyed by (name, version) and must never mistake new weights for old ones.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,8 +35,11 @@ from training.errors import ModelNotFoundError, StoreConflictError, StoreFullErr
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODEL_FILES = {"head": "head.keras", "full": "model.keras"}
 PUBLISH_POLICIES = ("auto", "always", "never")
+COUNTER_FILE = "counter.json"
 # A full disk, or a user or project over its quota.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+log = logging.getLogger(__name__)
 
 
 def validate_name(name: str) -> str:
@@ -242,17 +250,35 @@ class ModelStore:
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def _last_issued(self, name: str) -> int:
+        """The highest version number the counter says was handed out; 0 for a store without one."""
+        path = self.model_dir(name) / COUNTER_FILE
+        try:
+            return int(json.loads(path.read_text(encoding="utf-8"))["last"])
+        except FileNotFoundError:
+            return 0  # a store from before the counter: the folders alone say which numbers are taken
+        except (ValueError, KeyError, TypeError) as exc:
+            # Written atomically, so only a hand edit gets here; the folders still rule out the numbers in use.
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return 0
+
+    def _reserve_version(self, name: str) -> int:
+        """Hand out the next version number and record it before it is used (call under `_lock`)."""
+        version = max(self._last_issued(name), *self.versions(name), 0) + 1
+        # Recorded first: after a crash or a delete the number stays taken (skipped, never reused).
+        write_json_atomic(self.model_dir(name) / COUNTER_FILE, {"last": version})
+        return version
+
     def _rename_into_place(self, staging: Path, folder: Path) -> int:
-        """Rename the staging folder to the next free version number."""
-        version = (self.versions(folder.name) or [0])[-1] + 1
+        """Rename the staging folder to a newly reserved version number."""
         while True:
+            version = self._reserve_version(folder.name)
             try:
                 os.rename(staging, folder / str(version))
             except OSError as exc:
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                version += 1  # Taken by a writer that did not hold the lock: try the next number.
-                continue
+                continue  # Taken by a writer that did not hold the lock: reserve the next number.
             fsync_dir(folder)
             return version
 
@@ -265,6 +291,24 @@ class ModelStore:
         new_accuracy = metadata.get("metrics", {}).get("accuracy", 0.0)
         old_accuracy = self.metadata(name, current).get("metrics", {}).get("accuracy", 0.0)
         return new_accuracy >= old_accuracy
+
+    def apply_publish_policy(self, name: str, version: int, policy: str) -> bool:
+        """Publish an existing version if `policy` says so (as `save_version` would); return whether it is published.
+
+        For a job re-run after a crash between saving its version and publishing it. A version
+        that is already published stays so, whatever the policy.
+        """
+        if policy not in PUBLISH_POLICIES:
+            raise ValueError(f"policy must be one of {PUBLISH_POLICIES}, received: {policy!r}")
+        self.version_dir(name, version)  # before locking, so a missing model leaves no folder behind
+        with self._lock(name), disk_full_as_error(f"could not publish version {version} of {name!r}"):
+            self.version_dir(name, version)
+            if self.published_version(name) == int(version):
+                return True
+            if not self._should_publish(name, self.metadata(name, version), policy):
+                return False
+            self._write_published(name, version)
+            return True
 
     def _write_published(self, name: str, version: int) -> None:
         write_json_atomic(self.model_dir(name) / "published.json", {"version": int(version)})

@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
 from training.errors import Cancelled, TrainingError
-from training.jobs import QUEUED, JobNotFoundError, JobStore
+from training.jobs import CANCELLED, QUEUED, JobNotFoundError, JobStore
 from training.progress import EpochHistory
 from training.settings import Settings, get_settings
 
@@ -115,7 +115,8 @@ def train_model(self, job_id: str) -> None:
 
 def enqueue(app: Celery, job_id: str) -> None:
     """Send a job to the training queue."""
-    app.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
+    # The task id is the job id, so the reconciler can revoke (kill) a job's run knowing only the job.
+    app.send_task(TASK_NAME, args=[job_id], queue=QUEUE, task_id=job_id)
 
 
 class _Heartbeat:
@@ -194,12 +195,13 @@ def _run_started(jobs: JobStore, job: dict, settings: Settings, cancel_poll_seco
         store = ModelStore(settings.model_dir)
         # A rerun after a crash between saving the version and recording it: reuse that version.
         done = store.version_of_job(job["model"], job_id)
+        params = parse_options(job["params"])
         if done is not None:
             log.info("job %s already produced %s version %s", job_id, job["model"], done)
+            # The first run may have died between the rename and publishing: apply the job's policy now.
+            published = store.apply_publish_policy(job["model"], done, params.publish)
             metrics = store.metadata(job["model"], done).get("metrics", {})
-            return jobs.finish(job_id, "succeeded", attempt=attempt,
-                               result=_result(done, store.published_version(job["model"]) == done, metrics))
-        params = parse_options(job["params"])
+            return jobs.finish(job_id, "succeeded", attempt=attempt, result=_result(done, published, metrics))
         source = DatasetStore.from_settings(settings).path(job["dataset"])
         with _Heartbeat(jobs, job_id, attempt, settings.job_heartbeat_seconds):
             result = train(source, job["model"], settings, params,
@@ -249,15 +251,38 @@ def _sweep(settings: Settings) -> int:
     return len(swept)
 
 
+def _kill_overdue_cancels(jobs: JobStore, app: Celery, grace_seconds: float) -> int:
+    """Kill the runs of jobs still running `grace_seconds` after a cancel request; record them cancelled."""
+    killed = 0
+    for job in jobs.cancel_overdue(grace_seconds):
+        try:
+            # The task id is the job id (see enqueue). Revoked first: the record says cancelled only once
+            # the kill went out; a redelivered message of this task is then dropped by the workers too.
+            app.control.revoke(job["id"], terminate=True, signal="SIGKILL")
+        except Exception as exc:  # The broker is down: the job stays running and the next run tries again.
+            log.warning("could not revoke job %s: %s", job["id"], exc)
+            continue
+        # Fenced by the attempt, so a job that stopped by itself meanwhile keeps the status it recorded.
+        if jobs.finish(job["id"], CANCELLED, attempt=job["attempts"],
+                       error=f"did not stop within {grace_seconds:g} s of the cancel request "
+                             "(JOB_CANCEL_GRACE_SECONDS); its worker process was killed"):
+            log.warning("job %s ignored its cancel request for %g s; killed", job["id"], grace_seconds)
+            killed += 1
+    return killed
+
+
 def reconcile(settings: Settings, app: Celery, stale_after_seconds: float | None = None,
-              lost_after_seconds: float = 600) -> dict:
-    """Requeue jobs whose worker died and re-send queued jobs whose message was lost; return counts."""
+              lost_after_seconds: float = 600, cancel_grace_seconds: float | None = None) -> dict:
+    """Requeue jobs whose worker died, re-send lost messages, kill runs that ignore a cancel; return counts."""
     if stale_after_seconds is None:
         stale_after_seconds = settings.job_stale_seconds
+    if cancel_grace_seconds is None:
+        cancel_grace_seconds = settings.job_cancel_grace_seconds
     jobs = JobStore.from_settings(settings)
-    counts = {"requeued": 0, "given_up": 0, "resent": 0, "swept": _sweep(settings)}
+    counts = {"requeued": 0, "given_up": 0, "resent": 0, "killed": 0, "swept": _sweep(settings)}
     requeued: set[str] = set()
     try:
+        counts["killed"] = _kill_overdue_cancels(jobs, app, cancel_grace_seconds)
         for job in jobs.stale_running(stale_after_seconds):
             # The guard re-checks the heartbeat, so a worker that just reported is left alone.
             if jobs.requeue(job["id"], older_than_seconds=stale_after_seconds):

@@ -17,7 +17,7 @@ from service.errors import Overloaded, ServiceError
 from service.inputs import model_name
 from service.jobs_ext import get_celery, get_datasets, get_jobs
 from service.openapi import Blueprint
-from training.jobs import FINAL_STATUSES, JobNotFoundError, JobStore
+from training.jobs import FINAL_STATUSES, QUEUED, JobNotFoundError, JobStore, check_idempotency_key
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1", description="Training jobs")
 logger = logging.getLogger(__name__)
@@ -29,6 +29,15 @@ EVENTS_KEEPALIVE_S = 15.0
 EVENTS_LIFETIME_S = 3600.0
 BROKER_RETRY_AFTER_S = 30
 HIDDEN = ("worker",)  # host names and process ids of the training machines stay private
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_PARAMETER = {
+    "in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
+    "description": "Any 1-255 printable ASCII characters (a UUID, say) naming this train request: a retry with the "
+                   "same key (after a timeout or a 503) answers the job the first request recorded, and re-sends it "
+                   "to the queue if it is still queued, instead of recording a second job. The same key with "
+                   "another model, dataset or options answers 409.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7E]+$"},
+}
 
 TRAIN_BODY = {
     "required": True,
@@ -77,6 +86,17 @@ def train_request() -> tuple[str | None, dict, bool]:
     return dataset, options, False
 
 
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key header, checked; None when it has none."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    try:
+        return check_idempotency_key(key)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+
+
 def check_options(options: dict) -> dict:
     """Return the options with typed values, or refuse unknown options and bad values with a 400 naming them."""
     # training.options imports the pipeline and with it Keras: only when a job is started.
@@ -91,15 +111,20 @@ def check_options(options: dict) -> dict:
 
 @bp.route("/models/<name>/train", methods=["POST"])
 @role(TRAIN)
-@bp.doc(requestBody=TRAIN_BODY)
-@bp.response(202, JobEnvelopeSchema, description="Queued: follow `job.url`")
-@bp.alt_response(400, schema=ErrorSchema, description="Bad model name, option or archive")
+@bp.doc(requestBody=TRAIN_BODY, parameters=[IDEMPOTENCY_PARAMETER])
+@bp.response(202, JobEnvelopeSchema, description="Queued (or, for a known `Idempotency-Key`, that key's job): "
+                                                 "follow `job.url`")
+@bp.alt_response(400, schema=ErrorSchema, description="Bad model name, option, archive or Idempotency-Key")
 @bp.alt_response(404, schema=ErrorSchema, description="No such dataset")
+@bp.alt_response(409, schema=ErrorSchema, description="The Idempotency-Key was used for another model, dataset "
+                                                      "or options")
 @bp.alt_response(415, schema=ErrorSchema, description="Neither JSON nor multipart")
-@bp.alt_response(503, schema=ErrorSchema, description="The broker is unavailable; the job stays queued")
+@bp.alt_response(503, schema=ErrorSchema, description="The broker is unavailable; the job stays queued (retry with "
+                                                      "the same Idempotency-Key: no second job is recorded)")
 def train(name: str):
-    """Train a new version of a model on a dataset, as a queued job."""
+    """Train a new version of a model on a dataset, as a queued job (once per Idempotency-Key)."""
     name = model_name(name)
+    key = idempotency_key()
     dataset_id, options, _ = train_request()
     options = check_options(options)  # Every cheap check before an upload is unpacked or a job is recorded.
     uploaded = None
@@ -108,22 +133,34 @@ def train(name: str):
         dataset_id = uploaded["id"]
     else:
         get_datasets().get(checked_id(dataset_id))  # 404 for an unknown dataset
-    job = get_jobs().create(name, dataset_id, options)
+    # With a key already used: that key's job (409 when it was for another model, dataset or options).
+    job = get_jobs().create(name, dataset_id, options, idempotency_key=key)
     url = job_url(job["id"])
+    # A retried request's job may still wait for its message (the broker was down): send it again. A second
+    # message for one job is harmless, the job runs once (JobStore.start).
+    if job["status"] == QUEUED:
+        send(job, url, key)
+    body = {"job": public(job, url)}
+    if uploaded is not None:
+        body["dataset"] = uploaded
+    return body, 202, {"Location": url}
+
+
+def send(job: dict, url: str, key: str | None) -> None:
+    """Send a queued job to the training queue; 503 with Retry-After when the broker is unavailable."""
     try:
         from training.tasks import enqueue
 
         enqueue(get_celery(), job["id"])
     except Exception as exc:  # The broker is down or unreachable: the job is recorded, its message is not.
         logger.error("could not send job %s to the training queue: %s", job["id"], exc)
+        retry = ("a retry with the same Idempotency-Key returns this job and will not duplicate it" if key else
+                 "this request had no Idempotency-Key header, so a retry records another job (send one: a retry "
+                 "with the same Idempotency-Key will not duplicate the job)")
         raise ServiceError(f"job {job['id']} is recorded as queued but the training queue (broker) is unavailable: "
                            f"{type(exc).__name__}: {exc}. It will be sent once the broker is back (the reconciler "
-                           f"re-sends lost messages); follow {url} or cancel it", 503, "unavailable",
+                           f"re-sends lost messages); follow {url} or cancel it; {retry}", 503, "unavailable",
                            {"Retry-After": str(BROKER_RETRY_AFTER_S), "Location": url}) from None
-    body = {"job": public(job, url)}
-    if uploaded is not None:
-        body["dataset"] = uploaded
-    return body, 202, {"Location": url}
 
 
 @bp.route("/jobs", methods=["GET"])

@@ -163,11 +163,14 @@ class JobSchema(Schema):
     result = fields.Dict(allow_none=True, metadata={"description": "{version, published, metrics}"})
     error = fields.String(allow_none=True)
     cancel_requested = fields.Boolean()
+    cancel_requested_at = fields.String(allow_none=True, metadata={
+        "description": "when the first cancel was asked; a run still going JOB_CANCEL_GRACE_SECONDS later is killed"})
     attempts = fields.Integer()
     created_at = fields.String()
     started_at = fields.String(allow_none=True)
     finished_at = fields.String(allow_none=True)
     heartbeat_at = fields.String(allow_none=True)
+    idempotency_key = fields.String(allow_none=True, metadata={"description": "the train request's Idempotency-Key"})
     url = fields.String(required=True)
 
 

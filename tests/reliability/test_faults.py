@@ -75,7 +75,37 @@ def test_disk_full_while_saving_fails_the_job_cleanly_and_the_next_one_succeeds(
         jobs.close()
 
 
-def test_disk_full_when_publishing_takes_the_new_version_back(small_disk):
+def test_disk_full_when_publishing_takes_the_new_version_back(small_disk, monkeypatch):
+    disk = small_disk(1024)
+    store = ModelStore(disk)
+
+    def write_model(folder):
+        (folder / "head.keras").write_bytes(b"m" * 100_000)
+
+    assert store.save_version("parts", write_model, {"metrics": {"accuracy": 0.5}}, ["a", "b"]) == (1, True)
+
+    reserve = store._reserve_version
+
+    def reserve_then_fill(name):
+        version = reserve(name)
+        fill_disk(disk, 0)  # the number is recorded; nothing is left for published.json
+        return version
+
+    monkeypatch.setattr(store, "_reserve_version", reserve_then_fill)
+    with pytest.raises(StoreFullError, match=r"disk full: could not save a new version of 'parts'.*ENOSPC") as info:
+        store.save_version("parts", write_model, {"metrics": {"accuracy": 0.9}}, ["a", "b"])
+    failed_in = [frame.name for frame in traceback.extract_tb(info.value.__cause__.__traceback__)]
+    assert "_write_published" in failed_in, failed_in  # after the rename into place, when publishing
+    assert store.versions("parts") == [1] and store.published_version("parts") == 1
+    assert not [p.name for p in (disk / "parts").iterdir() if p.name.startswith((".staging", ".deleting"))]
+
+    fill_disk(disk, 0, "more-filler.bin")  # nothing left at all now
+    with pytest.raises(StoreFullError, match="could not publish version 1 of 'parts'"):
+        store.publish("parts", 1)
+    assert store.published_version("parts") == 1
+
+
+def test_disk_full_when_reserving_the_version_number_saves_nothing(small_disk):
     disk = small_disk(1024)
     store = ModelStore(disk)
 
@@ -86,20 +116,17 @@ def test_disk_full_when_publishing_takes_the_new_version_back(small_disk):
 
     def write_model_then_fill(folder):
         write_model(folder)
-        # Leave room for labels.json and metadata.json (one page each on tmpfs), none for published.json.
-        fill_disk(disk, 2 * os.sysconf("SC_PAGE_SIZE"))
+        fill_disk(disk, 2 * os.sysconf("SC_PAGE_SIZE"))  # room for labels.json and metadata.json, not counter.json
 
     with pytest.raises(StoreFullError, match=r"disk full: could not save a new version of 'parts'.*ENOSPC") as info:
         store.save_version("parts", write_model_then_fill, {"metrics": {"accuracy": 0.9}}, ["a", "b"])
     failed_in = [frame.name for frame in traceback.extract_tb(info.value.__cause__.__traceback__)]
-    assert "_write_published" in failed_in, failed_in  # after the rename into place, when publishing
+    assert "_reserve_version" in failed_in, failed_in  # before the rename: no number was handed out
     assert store.versions("parts") == [1] and store.published_version("parts") == 1
-    assert not [p.name for p in (disk / "parts").iterdir() if p.name.startswith((".staging", ".deleting"))]
+    assert not [p.name for p in (disk / "parts").iterdir() if p.name.startswith((".staging", ".deleting", ".counter"))]
 
-    fill_disk(disk, 0, "more-filler.bin")  # nothing left at all now
-    with pytest.raises(StoreFullError, match="could not publish version 1 of 'parts'"):
-        store.publish("parts", 1)
-    assert store.published_version("parts") == 1
+    (disk / "filler.bin").unlink()
+    assert store.save_version("parts", write_model, {"metrics": {"accuracy": 0.9}}, ["a", "b"]) == (2, True)
 
 
 # --- long runs against a live stack (make reliability) ----------------------------------------------------------

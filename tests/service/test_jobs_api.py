@@ -12,7 +12,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -197,11 +199,131 @@ def test_broker_down_answers_503_and_keeps_the_job_queued(jclient, dataset_id, m
 
     monkeypatch.setattr("service.api.jobs.get_celery", DeadBroker)
     response = jclient.post("/v1/models/later/train", json={"dataset": dataset_id})
-    assert_error(response, 503, "queued", "reconciler")
+    assert_error(response, 503, "queued", "reconciler", "same Idempotency-Key will not duplicate the job")
     assert response.headers["Retry-After"]
     job = jclient.get(response.headers["Location"]).get_json()
     assert job["status"] == "queued" and job["model"] == "later"
     assert jclient.post(f"/v1/jobs/{job['id']}/cancel").get_json()["status"] == "cancelled"
+
+
+class RecordingBroker:
+    """Stands in for the Celery app: records which jobs were sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send_task(self, name, args=None, queue=None, task_id=None, **kwargs):
+        assert task_id == args[0]  # the task id is the job id, so the reconciler can revoke it
+        self.sent.append(task_id)
+
+
+@pytest.fixture
+def recording_broker(monkeypatch) -> RecordingBroker:
+    recorder = RecordingBroker()
+    monkeypatch.setattr("service.api.jobs.get_celery", lambda: recorder)
+    return recorder
+
+
+def jobs_of(client, model: str) -> list[dict]:
+    return [job for job in client.get("/v1/jobs").get_json()["jobs"] if job["model"] == model]
+
+
+def cancel_all(client, model: str) -> None:
+    """Cancel the test's queued jobs, so the worker started later drops their messages instead of training."""
+    for job in jobs_of(client, model):
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_the_same_idempotency_key_twice_records_one_job(jclient, dataset_id, recording_broker):
+    body = {"dataset": dataset_id, "epochs": 3}
+    first = jclient.post("/v1/models/once/train", json=body, headers={"Idempotency-Key": "req-0001"})
+    again = jclient.post("/v1/models/once/train", json=body, headers={"Idempotency-Key": "req-0001"})
+    assert first.status_code == again.status_code == 202, again.get_json()
+    job = first.get_json()["job"]
+    assert again.get_json()["job"]["id"] == job["id"] and again.headers["Location"] == job["url"]
+    assert job["idempotency_key"] == "req-0001"
+    assert [j["id"] for j in jobs_of(jclient, "once")] == [job["id"]]
+    assert recording_broker.sent == [job["id"], job["id"]]  # still queued: sent again, it runs once all the same
+
+    other = jclient.post("/v1/models/once/train", json=body, headers={"Idempotency-Key": "req-0002"})
+    unkeyed = jclient.post("/v1/models/once/train", json=body)
+    assert other.status_code == unkeyed.status_code == 202
+    assert len({j["id"] for j in jobs_of(jclient, "once")}) == 3
+
+    jclient.post(f"/v1/jobs/{job['id']}/cancel")
+    cancelled = jclient.post("/v1/models/once/train", json=body, headers={"Idempotency-Key": "req-0001"})
+    assert cancelled.status_code == 202 and cancelled.get_json()["job"]["status"] == "cancelled"
+    assert recording_broker.sent.count(job["id"]) == 2  # a job that is no longer queued is not sent again
+    cancel_all(jclient, "once")
+
+
+def test_an_idempotency_key_reused_for_another_request_is_a_conflict(jclient, dataset_id, recording_broker):
+    first = jclient.post("/v1/models/first/train", json={"dataset": dataset_id}, headers={"Idempotency-Key": "k-409"})
+    assert first.status_code == 202
+    job_id = first.get_json()["job"]["id"]
+    assert_error(jclient.post("/v1/models/second/train", json={"dataset": dataset_id},
+                              headers={"Idempotency-Key": "k-409"}), 409, job_id, "received: model 'second'")
+    assert_error(jclient.post("/v1/models/first/train", json={"dataset": dataset_id, "epochs": 7},
+                              headers={"Idempotency-Key": "k-409"}), 409, "params")
+    assert jobs_of(jclient, "second") == [] and len(jobs_of(jclient, "first")) == 1
+    assert recording_broker.sent == [job_id]
+    cancel_all(jclient, "first")
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9"])
+def test_a_bad_idempotency_key_is_refused_naming_the_header(jclient, dataset_id, recording_broker, key):
+    response = jclient.post("/v1/models/badkey/train", json={"dataset": dataset_id}, headers={"Idempotency-Key": key})
+    assert_error(response, 400, "Idempotency-Key", "received: ")
+    assert len(response.get_json()["error"]["message"]) < 300  # a long key is not echoed whole
+    assert jobs_of(jclient, "badkey") == [] and recording_broker.sent == []
+
+
+def test_requests_racing_with_one_idempotency_key_record_one_job(japp, jclient, dataset_id, recording_broker):
+    barrier = threading.Barrier(4)
+
+    def post(_: int) -> tuple[int, str]:
+        client = japp.test_client()
+        barrier.wait()
+        response = client.post("/v1/models/raced/train", json={"dataset": dataset_id},
+                               headers={"Idempotency-Key": "one-key"})
+        return response.status_code, response.get_json()["job"]["id"]
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(post, range(4)))
+    assert {status for status, _ in outcomes} == {202}
+    assert len({job_id for _, job_id in outcomes}) == 1 and len(jobs_of(jclient, "raced")) == 1
+    cancel_all(jclient, "raced")
+
+
+def test_a_retry_with_the_same_key_once_the_broker_is_back_sends_the_same_job(jclient, dataset_id, monkeypatch,
+                                                                               broker):
+    class DeadBroker:
+        def send_task(self, *args, **kwargs):
+            raise ConnectionRefusedError("Error 111 connecting to redis:6379")
+
+    headers = {"Idempotency-Key": "retry-after-outage"}
+    with monkeypatch.context() as patch:
+        patch.setattr("service.api.jobs.get_celery", DeadBroker)
+        down = jclient.post("/v1/models/outage/train", json={"dataset": dataset_id}, headers=headers)
+    assert_error(down, 503, "queued", "reconciler", "a retry with the same Idempotency-Key", "not duplicate")
+    job_id = jclient.get(down.headers["Location"]).get_json()["id"]
+    assert not any(job_id.encode() in message for message in broker.lrange("training", 0, -1))
+
+    back = jclient.post("/v1/models/outage/train", json={"dataset": dataset_id}, headers=headers)  # the real broker
+
+    assert back.status_code == 202 and back.get_json()["job"]["id"] == job_id
+    (sent,) = [message for message in broker.lrange("training", 0, -1) if job_id.encode() in message]
+    assert [j["id"] for j in jobs_of(jclient, "outage")] == [job_id]
+    cancel_all(jclient, "outage")
+    broker.lrem("training", 0, sent)  # spare the worker started later a child process just to drop it
+
+
+def test_the_train_endpoint_documents_the_idempotency_key(jclient):
+    train = jclient.get("/openapi.json").get_json()["paths"]["/v1/models/{name}/train"]["post"]
+    (header,) = [p for p in train["parameters"] if p["in"] == "header"]
+    assert header["name"] == "Idempotency-Key" and header["required"] is False
+    assert header["schema"]["maxLength"] == 255
+    assert {"202", "400", "409", "503"} <= set(train["responses"])
 
 
 def test_cancelled_queued_job_never_trains(jclient, dataset_id, worker, broker):

@@ -7,19 +7,20 @@ import multiprocessing
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
 
 from tests.live import postgres_schema
-from training.errors import TrainingError
-from training.jobs import JobNotFoundError, JobStore, jobs
+from training.errors import StoreConflictError, TrainingError
+from training.jobs import IdempotencyConflictError, JobNotFoundError, JobStore, UTCDateTime, jobs
 from training.progress import Progress
 from training.settings import Settings
 
 KEYS = {"id", "model", "dataset", "params", "status", "progress", "result", "error", "cancel_requested",
-        "attempts", "worker", "created_at", "started_at", "finished_at", "heartbeat_at"}
+        "attempts", "worker", "created_at", "started_at", "finished_at", "heartbeat_at", "cancel_requested_at",
+        "idempotency_key"}
 
 
 @pytest.fixture(scope="session")
@@ -135,6 +136,30 @@ def test_cancel_a_running_job_asks_it_to_stop(store):
     assert asked["status"] == "running" and asked["cancel_requested"] is True
     assert store.cancel_requested(job["id"]) is True
     assert store.finish(job["id"], "cancelled")["status"] == "cancelled"
+
+
+def test_the_first_cancel_request_is_timed_and_asking_again_keeps_that_time(store):
+    job = store.create("parts", "ds1", {})
+    store.start(job["id"], "w")
+    assert store.get(job["id"])["cancel_requested_at"] is None
+    first = store.request_cancel(job["id"])["cancel_requested_at"]
+    assert first is not None
+    time.sleep(0.05)
+    assert store.request_cancel(job["id"])["cancel_requested_at"] == first
+    queued = store.create("parts", "ds1", {})
+    assert store.request_cancel(queued["id"])["cancel_requested_at"] is not None
+
+
+def test_cancel_overdue_lists_running_jobs_that_ignore_their_cancel(store):
+    ignoring, obeying, untouched = (store.create("parts", "ds1", {}) for _ in range(3))
+    for job in (ignoring, obeying, untouched):
+        store.start(job["id"], "w")
+    store.request_cancel(ignoring["id"])
+    store.request_cancel(obeying["id"])
+    store.finish(obeying["id"], "cancelled", attempt=1)
+    assert store.cancel_overdue(60) == []
+    time.sleep(0.2)
+    assert [job["id"] for job in store.cancel_overdue(0.1)] == [ignoring["id"]]
 
 
 def test_cancel_a_finished_job_changes_nothing(store):
@@ -299,3 +324,149 @@ def test_processes_racing_to_start_one_job_let_exactly_one_win(store, store_url)
     assert len(winners) == 1
     final = store.get(job["id"])
     assert final["attempts"] == 1 and final["worker"] == f"process-{winners[0]}"
+
+
+def test_an_idempotency_key_records_one_job(store):
+    first = store.create("parts", "ds1", {"epochs": 3}, idempotency_key="order-17")
+    assert first["idempotency_key"] == "order-17" and first["status"] == "queued"
+    assert store.create("parts", "ds1", {"epochs": 3}, idempotency_key="order-17") == first
+    other = store.create("parts", "ds1", {"epochs": 3}, idempotency_key="order-18")
+    assert other["id"] != first["id"]
+    plain = [store.create("parts", "ds1", {"epochs": 3}) for _ in range(2)]  # no key: never deduplicated
+    assert plain[0]["id"] != plain[1]["id"] and plain[0]["idempotency_key"] is None
+    assert len(store.list()) == 4
+
+
+@pytest.mark.parametrize(("model", "dataset", "params", "named"), [
+    ("other", "ds1", {"epochs": 3}, "model 'other'"),
+    ("parts", "ds2", {"epochs": 3}, "dataset 'ds2'"),
+    ("parts", "ds1", {"epochs": 4}, "params {'epochs': 4}"),
+])
+def test_an_idempotency_key_reused_for_another_job_is_a_conflict(store, model, dataset, params, named):
+    first = store.create("parts", "ds1", {"epochs": 3}, idempotency_key="k1")
+    with pytest.raises(IdempotencyConflictError) as caught:
+        store.create(model, dataset, params, idempotency_key="k1")
+    assert isinstance(caught.value, StoreConflictError) and caught.value.status == 409
+    assert first["id"] in caught.value.message and f"received: {named}" in caught.value.message
+    assert len(store.list()) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there", "new\nline", 17])
+def test_bad_idempotency_keys_are_refused(store, key):
+    with pytest.raises(ValueError, match="Idempotency-Key must be 1-255 printable ASCII characters, received: "):
+        store.create("parts", "ds1", {}, idempotency_key=key)
+    assert store.list() == []
+
+
+def test_threads_racing_with_one_idempotency_key_record_one_job(store):
+    barrier = threading.Barrier(8)
+
+    def create(_: int) -> str:
+        barrier.wait()
+        return store.create("parts", "ds1", {"epochs": 3}, idempotency_key="retry-me")["id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(create, range(8)))
+    assert len(ids) == 1 and [job["id"] for job in store.list()] == list(ids)
+
+
+def test_the_unique_index_holds_even_without_the_lookup_first(store):
+    store.create("parts", "ds1", {}, idempotency_key="k")
+    with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:
+        conn.execute(jobs.insert().values(id="f" * 32, model="parts", dataset="ds1", params={}, status="queued",
+                                          cancel_requested=False, attempts=0, created_at=datetime.now(UTC),
+                                          idempotency_key="k"))
+
+
+# --- upgrading a job table made by an earlier version ------------------------------------------------------------
+
+
+def _make_first_release_table(url: str) -> tuple[str, str]:
+    """Create the jobs table as the first release did (without the newer columns), with a running job whose
+    cancel was requested and a queued one; return their ids."""
+    old = sa.MetaData()
+    table = sa.Table(
+        "jobs", old,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("model", sa.String(255), nullable=False),
+        sa.Column("dataset", sa.String(255), nullable=False),
+        sa.Column("params", sa.JSON, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("progress", sa.JSON, nullable=True),
+        sa.Column("result", sa.JSON, nullable=True),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+        sa.Column("attempts", sa.Integer, nullable=False, default=0),
+        sa.Column("worker", sa.Text, nullable=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("started_at", UTCDateTime, nullable=True),
+        sa.Column("finished_at", UTCDateTime, nullable=True),
+        sa.Column("heartbeat_at", UTCDateTime, nullable=True),
+        sa.Index("ix_jobs_status_created_at", "status", "created_at"),
+    )
+    engine = sa.create_engine(url)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        old.create_all(conn)
+        conn.execute(table.insert(), [
+            {"id": "a" * 32, "model": "parts", "dataset": "ds1", "params": {"epochs": 3}, "status": "running",
+             "cancel_requested": True, "attempts": 1, "worker": "w", "created_at": now, "started_at": now,
+             "heartbeat_at": now},
+            {"id": "b" * 32, "model": "parts", "dataset": "ds1", "params": {}, "status": "queued",
+             "cancel_requested": False, "attempts": 0, "worker": None, "created_at": now, "started_at": None,
+             "heartbeat_at": None},
+        ])
+    engine.dispose()
+    return "a" * 32, "b" * 32
+
+
+def _open_in_process(url: str, barrier, results) -> None:
+    """Open (and so upgrade) the store in a fresh process at the same moment as the others (spawn target)."""
+    barrier.wait()
+    try:
+        JobStore(url).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which shows it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def old_store_url(request, tmp_path):
+    """The URL of an empty database (a fresh SQLite file, or a fresh PostgreSQL schema) for an old table."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.sqlite3'}"
+        return
+    with postgres_schema("jobs_upgrade") as url:
+        yield url
+
+
+def test_a_first_release_table_is_upgraded_by_processes_opening_it_at_once(old_store_url):
+    running, queued = _make_first_release_table(old_store_url)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    processes = [ctx.Process(target=_open_in_process, args=(old_store_url, barrier, results)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert outcomes == ["ok"] * 4
+
+    store = JobStore(old_store_url)  # a fifth open finds nothing left to do
+    try:
+        inspector = sa.inspect(store.engine)
+        assert {"cancel_requested_at", "idempotency_key"} <= {c["name"] for c in inspector.get_columns("jobs")}
+        assert any(index["name"] == "ix_jobs_idempotency_key" and index["unique"]
+                   for index in inspector.get_indexes("jobs"))
+        old_running, old_queued = store.get(running), store.get(queued)
+        assert set(old_running) == KEYS and old_running["params"] == {"epochs": 3}
+        # A cancel asked for before the upgrade gets its grace period from the upgrade on.
+        assert old_running["cancel_requested_at"] is not None and old_queued["cancel_requested_at"] is None
+        assert old_queued["idempotency_key"] is None
+        assert store.start(queued, "w2")["status"] == "running"
+        keyed = store.create("parts", "ds1", {}, idempotency_key="k")
+        assert store.create("parts", "ds1", {}, idempotency_key="k") == keyed
+        with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:
+            conn.execute(jobs.update().where(jobs.c.id == queued).values(idempotency_key="k"))
+    finally:
+        store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -68,6 +69,47 @@ def test_rerun_after_crash_reuses_the_saved_version(settings, jobs):
 
     assert done["status"] == "succeeded" and done["result"]["version"] == 1
     assert ModelStore(settings.model_dir).versions("digits") == [1]
+
+
+def write_head(folder):
+    (folder / "head.keras").write_bytes(b"weights")
+
+
+@pytest.mark.parametrize(("policy", "published_before", "published"), [
+    ("auto", None, True),     # nothing published yet
+    ("auto", 0.9, False),     # the published version is better
+    ("auto", 0.4, True),      # as good or better than the published one
+    ("always", 0.9, True),
+    ("never", None, False),
+])
+def test_rerun_after_a_crash_between_rename_and_publish_applies_the_publish_policy(
+        settings, jobs, policy, published_before, published):
+    store = ModelStore(settings.model_dir)
+    if published_before is not None:
+        store.save_version("digits", write_head, {"metrics": {"accuracy": published_before}}, ["a", "b"], "always")
+    job = jobs.create("digits", DATASET_ID, {**PARAMS, "publish": policy})
+    # As if the first run renamed its version into place and died before publishing it.
+    version, _ = store.save_version("digits", write_head, {"job": job["id"], "metrics": {"accuracy": 0.5}},
+                                    ["a", "b"], "never")
+
+    done = run_job(job["id"], settings, "second")
+
+    assert done["status"] == "succeeded" and done["result"]["version"] == version
+    assert done["result"]["published"] is published
+    assert (store.published_version("digits") == version) is published
+    assert store.versions("digits") == list(range(1, version + 1))  # no second version trained
+
+
+def test_rerun_keeps_an_already_published_version_published(settings, jobs):
+    store = ModelStore(settings.model_dir)
+    job = jobs.create("digits", DATASET_ID, {**PARAMS, "publish": "never"})
+    store.save_version("digits", write_head, {"job": job["id"], "metrics": {"accuracy": 0.5}}, ["a"], "always")
+
+    done = run_job(job["id"], settings, "second")
+
+    assert done["result"] == {"version": 1, "published": True,
+                              "metrics": {"accuracy": 0.5, "top_k_accuracy": None, "loss": None}}
+    assert store.published_version("digits") == 1
 
 
 def test_cancel_before_start_runs_nothing(settings, jobs):
@@ -192,11 +234,103 @@ def test_reconcile_requeues_lost_workers_and_resends_lost_messages(settings, job
 
     counts = reconcile(settings, app, stale_after_seconds=120, lost_after_seconds=600)
 
-    assert counts == {"requeued": 1, "given_up": 0, "resent": 1, "swept": 0}
+    assert counts == {"requeued": 1, "given_up": 0, "resent": 1, "killed": 0, "swept": 0}
     assert jobs.get(stale["id"])["status"] == "queued" and jobs.get(fresh["id"])["status"] == "queued"
     sent = sorted(p.read_bytes() for p in Path(app.conf.broker_transport_options["data_folder_in"]).iterdir())
     assert len(sent) == 2
     assert any(stale["id"].encode() in body for body in sent) and any(lost["id"].encode() in body for body in sent)
+
+
+def test_enqueue_sends_the_job_id_as_the_task_id(settings):
+    app = make_celery(settings)
+    enqueue(app, "0123456789abcdef0123456789abcdef")
+    (message,) = Path(app.conf.broker_transport_options["data_folder_in"]).iterdir()
+    headers = json.loads(message.read_text())["headers"]
+    assert headers["id"] == "0123456789abcdef0123456789abcdef" and headers["task"] == TASK_NAME
+
+
+def cancel_requested_long_ago(jobs: JobStore, job_id: str) -> None:
+    jobs.request_cancel(job_id)
+    with jobs.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET cancel_requested_at='2000-01-01 00:00:00.000000' WHERE id=?", (job_id,))
+
+
+def test_reconcile_kills_a_run_that_ignores_its_cancel_past_the_grace_period(settings, jobs, monkeypatch):
+    app = make_celery(settings)
+    revoked = []
+    monkeypatch.setattr(app.control, "revoke", lambda *args, **kwargs: revoked.append((args, kwargs)))
+    ignoring, patient, working = (jobs.create("digits", DATASET_ID) for _ in range(3))
+    for job in (ignoring, patient, working):
+        jobs.start(job["id"], "w")  # all heartbeating: none is stale
+    cancel_requested_long_ago(jobs, ignoring["id"])
+    jobs.request_cancel(patient["id"])  # just now: still within its grace period
+
+    counts = reconcile(settings, app)
+
+    assert counts == {"requeued": 0, "given_up": 0, "resent": 0, "killed": 1, "swept": 0}
+    assert revoked == [((ignoring["id"],), {"terminate": True, "signal": "SIGKILL"})]
+    killed = jobs.get(ignoring["id"])
+    assert killed["status"] == "cancelled" and killed["finished_at"]
+    assert "JOB_CANCEL_GRACE_SECONDS" in killed["error"] and "killed" in killed["error"]
+    assert [jobs.get(job["id"])["status"] for job in (patient, working)] == ["running", "running"]
+    assert reconcile(settings, app, cancel_grace_seconds=3600)["killed"] == 0
+    assert len(revoked) == 1
+
+
+def test_reconcile_leaves_the_record_of_a_run_that_stopped_by_itself_meanwhile(settings, jobs, monkeypatch):
+    app = make_celery(settings)
+    job = jobs.create("digits", DATASET_ID)
+    jobs.start(job["id"], "w")
+    cancel_requested_long_ago(jobs, job["id"])
+    # Between the reconciler's look and its write, the run noticed the cancel and finished the job itself.
+    monkeypatch.setattr(app.control, "revoke", lambda *a, **k: jobs.finish(job["id"], "cancelled", attempt=1))
+
+    assert reconcile(settings, app)["killed"] == 0
+    record = jobs.get(job["id"])
+    assert record["status"] == "cancelled" and record["error"] is None
+
+
+def test_reconcile_fences_a_kill_by_the_attempt_it_saw(settings, jobs, monkeypatch):
+    app = make_celery(settings)
+    job = jobs.create("digits", DATASET_ID)
+    jobs.start(job["id"], "w")
+    cancel_requested_long_ago(jobs, job["id"])
+    seen = jobs.cancel_overdue(60)
+    # The reconciler saw attempt 1; meanwhile that run was given up for lost and a second run started.
+    with jobs.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET attempts=2 WHERE id=?", (job["id"],))
+    monkeypatch.setattr(jobs, "cancel_overdue", lambda grace: seen)
+    monkeypatch.setattr(app.control, "revoke", lambda *a, **k: None)
+
+    from training.tasks import _kill_overdue_cancels
+
+    assert _kill_overdue_cancels(jobs, app, 60) == 0
+    assert jobs.get(job["id"])["status"] == "running"
+
+
+def test_reconcile_with_the_broker_down_keeps_the_job_for_the_next_run(settings, jobs, monkeypatch):
+    app = make_celery(settings)
+    job = jobs.create("digits", DATASET_ID)
+    jobs.start(job["id"], "w")
+    cancel_requested_long_ago(jobs, job["id"])
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionRefusedError("Error 111 connecting to redis:6379")
+
+    monkeypatch.setattr(app.control, "revoke", broker_down)
+    assert reconcile(settings, app)["killed"] == 0
+    assert jobs.get(job["id"])["status"] == "running"
+
+    monkeypatch.setattr(app.control, "revoke", lambda *a, **k: None)
+    assert reconcile(settings, app)["killed"] == 1
+    assert jobs.get(job["id"])["status"] == "cancelled"
+
+
+def test_reconcile_really_revokes_on_the_embedded_broker(settings, jobs):
+    job = jobs.create("digits", DATASET_ID)
+    jobs.start(job["id"], "w")
+    cancel_requested_long_ago(jobs, job["id"])
+    assert reconcile(settings, make_celery(settings))["killed"] == 1
 
 
 # --- real workers -------------------------------------------------------------------------------
@@ -215,9 +349,14 @@ def worker_env(settings: Settings, broker_url: str | None) -> dict:
     return env
 
 
-def start_worker(settings: Settings, broker_url: str | None, log_file: Path) -> subprocess.Popen:
-    celery = Path(sys.executable).with_name("celery")
-    command = [str(celery), "-A", "training.tasks", "worker", "-Q", QUEUE, "--concurrency", "1", "--pool", "prefork",
+# A worker whose runs never look at their cancel request: like a job stuck in one long step.
+DEAF_WORKER = ("import sys, training.tasks as tasks; from celery.__main__ import main; "
+               "tasks._Throttled.__call__ = lambda self: False; sys.argv[0] = 'celery'; sys.exit(main())")
+
+
+def start_worker(settings: Settings, broker_url: str | None, log_file: Path, *, deaf: bool = False) -> subprocess.Popen:
+    celery = [sys.executable, "-c", DEAF_WORKER] if deaf else [str(Path(sys.executable).with_name("celery"))]
+    command = [*celery, "-A", "training.tasks", "worker", "-Q", QUEUE, "--concurrency", "1", "--pool", "prefork",
                "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", "test@%h"]
     with log_file.open("wb") as out:
         return subprocess.Popen(command, cwd=ROOT, env=worker_env(settings, broker_url), stdout=out,
@@ -345,3 +484,45 @@ def test_sigkilled_worker_mid_job_is_rerun_once_and_never_stuck(settings, redis_
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
         store.close()
+
+
+@pytest.mark.slow
+def test_a_run_that_ignores_its_cancel_is_killed_after_the_grace_period(settings, redis_url, tmp_path):
+    settings = dataclasses.replace(settings, celery_broker_url=redis_url, job_heartbeat_seconds=0.5,
+                                   job_stale_seconds=60, job_cancel_grace_seconds=1)
+    write_digits_dataset(settings.datasets_dir / DATASET_ID / "data", image_size=32, per_class=40, classes=10)
+    jobs = JobStore.from_settings(settings)
+    app = make_celery(settings)
+    job = jobs.create("digits", DATASET_ID, {"image_size": 32, "epochs": 500, "patience": 500})
+    enqueue(app, job["id"])
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, redis_url, log_file, deaf=True)
+    try:
+        deadline = time.monotonic() + 90
+        while (record := jobs.get(job["id"]))["progress"] is None or record["progress"]["phase"] != "head":
+            assert time.monotonic() < deadline and worker.poll() is None, log_file.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        jobs.request_cancel(job["id"])
+        time.sleep(2)
+        assert jobs.get(job["id"])["status"] == "running"  # the run ignores the request
+
+        assert reconcile(settings, app)["killed"] == 1
+        killed = jobs.get(job["id"])
+        assert killed["status"] == "cancelled" and "JOB_CANCEL_GRACE_SECONDS" in killed["error"]
+        # The run is gone: no more heartbeats or progress, and no version appears.
+        progress = killed["progress"]
+        time.sleep(3)
+        assert jobs.get(job["id"])["progress"] == progress
+        log = log_file.read_text(errors="replace")
+        assert f"Terminating {job['id']}" in log, log[-3000:]  # Celery's own word that it killed this task
+
+        # The worker lives on (a fresh child) and takes the next job; the killed one never runs again.
+        next_job = jobs.create("digits", DATASET_ID, PARAMS)
+        enqueue(app, next_job["id"])
+        (done,) = wait_until_final(jobs, [next_job["id"]], worker, log_file, timeout=120)
+        assert done["status"] == "succeeded", done["error"]
+        assert jobs.get(job["id"])["status"] == "cancelled" and jobs.get(job["id"])["attempts"] == 1
+        assert ModelStore(settings.model_dir).versions("digits") == [1]
+    finally:
+        stop_worker(worker)
+        jobs.close()
