@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from training.backbone import BackboneSpec, build_backbone, shared_backbone  # noqa: E402
+from training.backbone import BackboneSpec, build_backbone, clear_shared_backbones  # noqa: E402
 from training.demo import write_digits_dataset  # noqa: E402
 from training.images import preprocess_image  # noqa: E402
 from training.options import parse_options  # noqa: E402
@@ -86,7 +86,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         settings = Settings(model_dir=work / f"models{repeat}", data_dir=work / f"data{repeat}",
                             backbone_weights="none")
-        shared_backbone.cache_clear()  # (c) pays for building the backbone, as a fresh worker does
+        clear_shared_backbones()  # (c) pays for building the backbone, as a fresh worker does
         c_times.append(timed(lambda s=settings: train(root, "bench", s, params)))
         d_times.append(timed(lambda s=settings: train(root, "bench", s, params)))
         x, _ = load_images(root, args.image_size)

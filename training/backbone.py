@@ -1,16 +1,19 @@
 """The frozen VGG19 backbone: building it, loading its weights, naming it.
 
 A backbone is identified by a string (`Backbone.id`) that changes whenever its
-features would: weights, feature layer, image size, preprocessing. The feature
-cache and saved models record that id, so features from one backbone are never
-mixed with another's.
+features would: weights (by content), feature layer, image size, preprocessing and
+the precision it computes in. The feature cache and saved models record that id, so
+features from one backbone are never mixed with another's, and a head is served on
+features of the precision it was trained on.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
+import logging
 import threading
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import numpy as np
 
 from training.errors import WeightsError
 from training.images import PREPROCESSING_VERSION, check_image_size
+from training.settings import PRECISIONS
 
 FEATURE_LAYERS = ("avg", "fc2")
 WEIGHTS_FILES = {
@@ -26,6 +30,9 @@ WEIGHTS_FILES = {
     True: "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
 }
 RANDOM_SEED = 0
+# Backbones a training process keeps built (training needs one; evaluating an older version may need another).
+SHARED_BACKBONES = 2
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,11 @@ class BackboneSpec:
         """Length of one image's feature vector."""
         return 4096 if self.feature_layer == "fc2" else 512
 
+    @property
+    def parameters(self) -> int:
+        """Weights in the backbone (the convolutional part, plus fc1 and fc2 for `fc2`), whatever the image size."""
+        return 139_570_240 if self.feature_layer == "fc2" else 20_024_384
+
 
 @dataclasses.dataclass
 class Backbone:
@@ -66,16 +78,24 @@ class Backbone:
     @property
     def id(self) -> str:
         """A string naming everything that determines this backbone's features."""
-        return backbone_id(self.spec, self.weights_id)
+        return backbone_id(self.spec, self.weights_id, self.precision)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
-        """Compute float32 features for a batch of preprocessed images."""
+        """Compute features for a batch of preprocessed images (float32 arrays, whatever the precision)."""
         return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
 
 
-def backbone_id(spec: BackboneSpec, weights_id: str) -> str:
-    """Name a backbone by weights, layer, size and preprocessing version."""
-    return f"vgg19-{weights_id}-{spec.feature_layer}-{spec.image_size}px-p{PREPROCESSING_VERSION}"
+def backbone_id(spec: BackboneSpec, weights_id: str, precision: str = "float32") -> str:
+    """Name a backbone by weights, layer, size, preprocessing version and precision."""
+    check_precision(precision)
+    return f"vgg19-{weights_id}-{spec.feature_layer}-{spec.image_size}px-p{PREPROCESSING_VERSION}-{precision}"
+
+
+def check_precision(precision: str) -> str:
+    """Return `precision` if it is one of PRECISIONS, else raise ValueError naming it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, received: {precision!r}")
+    return precision
 
 
 def weights_id(weights: str) -> str:
@@ -134,20 +154,65 @@ def _imagenet_weights_path(include_top: bool, keras_home: Path) -> str:
         ) from None
 
 
-def bfloat16_supported() -> bool:
-    """Whether this machine runs bfloat16 convolutions natively (a GPU, or a CPU with AVX512-BF16/AMX)."""
-    import keras
+def accelerator_present(backend: str) -> bool:
+    """Whether Keras' `backend` sees a GPU (or TPU) on this machine.
 
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        if tf.config.list_physical_devices("GPU"):
-            return True
+    Asked of the framework that will run the model: the GPU hosts have PyTorch
+    and JAX but no TensorFlow. A framework that is not installed sees none.
+    """
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+        if backend == "jax":
+            import jax
+
+            return any(device.platform in ("gpu", "tpu") for device in jax.devices())
+    except (ImportError, RuntimeError) as exc:  # jax raises RuntimeError when no backend initialises
+        logger.debug("cannot ask %s for an accelerator: %s", backend, exc)
+    return False
+
+
+def cpu_has_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = cpuinfo.read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bfloat16_supported(backend: str | None = None) -> bool:
+    """Whether this machine runs bfloat16 convolutions natively (a GPU, or a CPU with AVX512-BF16/AMX)."""
+    if backend is None:
+        import keras
+
+        backend = keras.backend.backend()
+    return _bfloat16_supported(backend)
+
+
+@functools.cache
+def _bfloat16_supported(backend: str) -> bool:
+    """Asked once per process and backend: the hardware does not change, and serving asks per request."""
+    supported = accelerator_present(backend) or cpu_has_bfloat16()
+    if not supported:
+        logger.warning("this hardware has no native bfloat16: bfloat16 requests run in float32")
+    return supported
+
+
+def effective_precision(requested: str) -> str:
+    """The precision to compute in: `requested`, or float32 where this hardware has no native bfloat16.
+
+    Emulated bfloat16 is many times slower than float32 and no more accurate, so a
+    bfloat16 request on such hardware runs float32 (and the log says so once).
+    """
+    check_precision(requested)
+    return "float32" if requested == "bfloat16" and not bfloat16_supported() else requested
 
 
 _POLICY_LOCK = threading.Lock()
@@ -175,8 +240,7 @@ def build_backbone(spec: BackboneSpec = BackboneSpec(), keras_home: Path | None 
     """Build the frozen VGG19 feature extractor for `spec`, computing in `precision`."""
     import keras
 
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be 'float32' or 'bfloat16', received: {precision!r}")
+    check_precision(precision)
     keras_home = keras_home or Path("~/.keras").expanduser()
     wid = weights_id(spec.weights)
     model = _vgg19(spec, precision)
@@ -197,7 +261,27 @@ def build_backbone(spec: BackboneSpec = BackboneSpec(), keras_home: Path | None 
     return Backbone(spec=spec, model=model, weights_id=wid, precision=precision)
 
 
-@functools.lru_cache(maxsize=4)
+_SHARED: collections.OrderedDict[str, Backbone] = collections.OrderedDict()
+_SHARED_LOCK = threading.Lock()
+
+
 def shared_backbone(spec: BackboneSpec, keras_home: Path | None = None, precision: str = "float32") -> Backbone:
-    """Build a backbone once per process and reuse it (it is frozen, so sharing is safe)."""
-    return build_backbone(spec, keras_home, precision)
+    """Build a backbone once per process and reuse it (it is frozen, so sharing is safe).
+
+    Keyed by the backbone id, which names the weights by content: a weights file
+    replaced at the same path gives a new backbone, never the stale one.
+    """
+    key = backbone_id(spec, weights_id(spec.weights), precision)
+    with _SHARED_LOCK:  # one build at a time: two threads asking at once get the same backbone
+        if key not in _SHARED:
+            _SHARED[key] = build_backbone(spec, keras_home, precision)
+            while len(_SHARED) > SHARED_BACKBONES:
+                _SHARED.popitem(last=False)
+        _SHARED.move_to_end(key)
+        return _SHARED[key]
+
+
+def clear_shared_backbones() -> None:
+    """Forget the backbones `shared_backbone` built (benchmarks that time a fresh process's first run)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()

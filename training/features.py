@@ -2,7 +2,7 @@
 
 With a frozen backbone an image's features never change, so they are cached under
 (backbone id, image content hash); the backbone id already names the weights,
-feature layer, image size and preprocessing version. Retraining on the same images,
+feature layer, image size, preprocessing version and precision. Retraining on the same images,
 or on a superset, runs the backbone only on images it has not seen.
 """
 
@@ -23,18 +23,23 @@ from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_p
 class FeatureCache:
     """Feature vectors on disk, one `.npy` file per image, for one backbone."""
 
-    def __init__(self, root: str | Path, backbone_id: str) -> None:
+    def __init__(self, root: str | Path, backbone_id: str, feature_dim: int) -> None:
         self.root = Path(root) / backbone_id
+        self.feature_dim = feature_dim
 
     def _path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.npy"
 
     def get(self, sha256: str) -> np.ndarray | None:
-        """Return the cached features of an image, or None."""
+        """Return the cached features of an image, or None when absent or damaged."""
         try:
-            return np.load(self._path(sha256), allow_pickle=False)
-        except (FileNotFoundError, ValueError, OSError):
-            return None  # A missing or damaged entry is recomputed.
+            vector = np.load(self._path(sha256), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            # Missing, or torn by a power loss (an empty file is an EOFError): recomputed.
+            return None
+        if vector.shape != (self.feature_dim,) or vector.dtype != np.float32:
+            return None  # Written by something else: recomputed rather than trusted.
+        return vector
 
     def put(self, sha256: str, vector: np.ndarray) -> None:
         """Store an image's features atomically (concurrent writers are safe)."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -91,6 +93,32 @@ def set_trainable_layers(backbone_model, params: FineTuneParams) -> list[str]:
     return [layer.name for layer in layers if layer.trainable and layer.weights]
 
 
+def copy_model(model: keras.Model, workdir: str | Path | None = None) -> keras.Model:
+    """An independent copy of `model` with every layer's state, through a save/load round trip.
+
+    `clone_model` + `set_weights` is not enough: Keras' `Normalization` keeps the mean and
+    variance it standardizes with in tensors derived from its weights, which only loading
+    (or `finalize_state`) refreshes, so such a copy would see unstandardized features.
+    """
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="copy-") as folder:
+        path = Path(folder) / f"{model.name}.keras"
+        model.save(path)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+def freeze_normalization(model: keras.Model) -> None:
+    """Keep batch normalization in inference mode: a frozen BatchNormalization uses its moving statistics.
+
+    Fine-tuning feeds augmented image batches; in training mode the head's batch
+    normalization would drag its moving statistics towards them, away from what the
+    head saw while it converged and from what inference will see (the Keras
+    transfer-learning guide does the same).
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
 def build_whole_model(backbone_model, head: keras.Model, image_size: int) -> keras.Model:
     """Chain backbone and head into one model from preprocessed pixels to probabilities."""
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
@@ -109,14 +137,15 @@ def augmentation() -> keras.Sequential:
 def fine_tune(backbone_model, head: keras.Model, image_size: int, n_classes: int,
               train: tuple[Sequence, np.ndarray], val: tuple[Sequence, np.ndarray],
               params: FineTuneParams = FineTuneParams(), progress: ProgressFn = no_progress,
-              cancel: CancelFn = never_cancel) -> tuple[keras.Model, dict, list[str]]:
+              cancel: CancelFn = never_cancel,
+              workdir: str | Path | None = None) -> tuple[keras.Model, dict, list[str]]:
     """Train backbone top and head end to end; return the whole model, history and unfrozen layers."""
-    # A copy, so the process's shared, frozen backbone is left untouched.
-    backbone_copy = keras.models.clone_model(backbone_model)
-    backbone_copy.set_weights(backbone_model.get_weights())
+    # Copies: the process's shared, frozen backbone is left untouched, and the head-only
+    # model stays as it was, as the fallback and the baseline it is compared with.
+    backbone_copy = copy_model(backbone_model, workdir)
     unfrozen = set_trainable_layers(backbone_copy, params)
-    head_copy = keras.models.clone_model(head)  # the head-only model stays as it was, as a fallback
-    head_copy.set_weights(head.get_weights())
+    head_copy = copy_model(head, workdir)
+    freeze_normalization(head_copy)
     model = build_whole_model(backbone_copy, head_copy, image_size)
     trainer = model
     if params.augment:

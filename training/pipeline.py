@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.backbone import BackboneSpec, backbone_id, shared_backbone, weights_id
+from training.backbone import BackboneSpec, backbone_id, effective_precision, shared_backbone, weights_id
 from training.evaluate import evaluate, summary_scores
 from training.features import FeatureCache, extract_features
 from training.finetune import FineTuneParams, ImageBatches, fine_tune
@@ -139,10 +139,13 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
         labels = np.array([classes.index(item.label) for item in dataset.items])
         train_idx, val_idx = split_indices(dataset, labels, params.val_split, params.seed)
         weights = weights_id(spec.weights)
-        cache = FeatureCache(settings.feature_cache_dir, backbone_id(spec, weights))
+        # Features for training and validation, and so the recorded metrics, come from this precision;
+        # the service serves the version in it (see `training.predict.serving_precision`).
+        precision = effective_precision(settings.precision)
+        cache = FeatureCache(settings.feature_cache_dir, backbone_id(spec, weights, precision), spec.feature_dim)
 
         def get_backbone():
-            return shared_backbone(spec, settings.keras_home)
+            return shared_backbone(spec, settings.keras_home, precision)
 
         features, computed = extract_features(dataset.items, cache, get_backbone, spec.image_size,
                                               params.feature_batch_size, progress, cancel)
@@ -159,7 +162,7 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
             tuned, fine_tune_history, unfrozen = fine_tune(
                 get_backbone().model, head, spec.image_size, len(classes),
                 ([paths[i] for i in train_idx], labels[train_idx]), ([paths[i] for i in val_idx], labels[val_idx]),
-                params.fine_tune, progress, cancel)
+                params.fine_tune, progress, cancel, workdir)
             lap("fine-tune")
             val_batches = ImageBatches([paths[i] for i in val_idx], labels[val_idx], spec.image_size,
                                        params.fine_tune.batch_size, shuffle=False)
@@ -193,8 +196,8 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
         "dataset": {key: report[key] for key in ("id", "classes", "images", "train_images", "val_images", "split")}
         | {"skipped": len(report["skipped"]), "duplicates": len(report["duplicates"]),
            "conflicts": len(report["conflicts"])},
-        "backbone": {"id": backbone_id(spec, weights), "architecture": "VGG19",
-                     "weights": weights, "feature_layer": spec.feature_layer,
+        "backbone": {"id": backbone_id(spec, weights, precision), "architecture": "VGG19",
+                     "weights": weights, "precision": precision, "feature_layer": spec.feature_layer,
                      "feature_dim": spec.feature_dim, "image_size": spec.image_size,
                      "fine_tuned_layers": unfrozen if kind == "full" else []},
         "fine_tune": fine_tune_report,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.backbone import BackboneSpec, backbone_id, shared_backbone, weights_id
+from training.backbone import BackboneSpec, backbone_id, effective_precision, shared_backbone, weights_id
 from training.errors import TrainingError, WeightsError
 from training.evaluate import evaluate
 from training.features import FeatureCache, extract_features
@@ -55,17 +55,43 @@ def load_version(store: ModelStore, name: str, version: int | None = None) -> Lo
                        metadata=store.metadata(name, version), keras_model=store.load_keras_model(name, version))
 
 
-def backbone_for(model: LoadedModel, settings: Settings, precision: str = "float32"):
-    """The shared backbone a head-only model needs, checked against the one it was trained on."""
+def trained_precision(metadata: dict) -> str:
+    """The precision a version's features, and so its recorded metrics, were computed in."""
+    return metadata["backbone"].get("precision", "float32")  # versions made before it was recorded: float32
+
+
+def trained_backbone_id(metadata: dict) -> str:
+    """The id of the backbone a version was trained on (versions made before ids named the precision: float32)."""
+    stored = metadata["backbone"]
+    return stored["id"] if "precision" in stored else f"{stored['id']}-float32"
+
+
+def serving_precision(model: LoadedModel, settings: Settings) -> str:
+    """The precision to serve a head-only version in: the one it was trained in, unless SERVE_PRECISION says otherwise.
+
+    Either way only where the hardware computes it natively (else float32).
+    """
+    wanted = settings.serve_precision
+    return effective_precision(trained_precision(model.metadata) if wanted == "trained" else wanted)
+
+
+def backbone_spec(model: LoadedModel, settings: Settings) -> BackboneSpec:
+    """The backbone a head-only version needs, checked against the weights it was trained on."""
     stored = model.metadata["backbone"]
     spec = BackboneSpec(settings.backbone_weights, stored["feature_layer"], stored["image_size"])
-    current = backbone_id(spec, weights_id(spec.weights))
-    if current != stored["id"]:
+    current = backbone_id(spec, weights_id(spec.weights), trained_precision(model.metadata))
+    if current != trained_backbone_id(model.metadata):
         raise WeightsError(
             f"model {model.name!r} v{model.version} was trained on backbone {stored['id']}, "
             f"but BACKBONE_WEIGHTS={settings.backbone_weights} gives {current}"
         )
-    return shared_backbone(spec, settings.keras_home, precision)
+    return spec
+
+
+def backbone_for(model: LoadedModel, settings: Settings, precision: str | None = None):
+    """The process's shared backbone for a head-only version, in `precision` (default: `serving_precision`)."""
+    spec = backbone_spec(model, settings)
+    return shared_backbone(spec, settings.keras_home, precision or serving_precision(model, settings))
 
 
 def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict]:
@@ -107,7 +133,7 @@ def evaluate_dataset(settings: Settings, name: str, source: str | Path, version:
         labels = np.array([model.classes.index(item.label) for item in dataset.items])
         if model.kind == "head":
             backbone = backbone_for(model, settings)
-            cache = FeatureCache(settings.feature_cache_dir, backbone.id)
+            cache = FeatureCache(settings.feature_cache_dir, backbone.id, backbone.spec.feature_dim)
             features, _ = extract_features(dataset.items, cache, lambda: backbone, model.image_size)
             probabilities = model.predict_features(features)
         else:

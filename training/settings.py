@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 PRECISIONS = ("float32", "bfloat16")
+# SERVE_PRECISION: `trained` serves each version in the precision its metrics were computed in.
+SERVE_PRECISIONS = ("trained", *PRECISIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,12 @@ class Settings:
     training_api_key: str | None = None
     prediction_api_key: str | None = None
     max_upload_mb: int = 512
+    # Prediction request bodies have their own, smaller limit.
+    max_predict_mb: int = 32
+    # The precision training computes features (and fine-tunes) in, recorded with each version;
+    # serving runs a version in that precision unless SERVE_PRECISION says otherwise.
     precision: str = "float32"
+    serve_precision: str = "trained"
     # Ingest limits: an archive over any of them is rejected while it streams.
     max_archive_entries: int = 100_000
     max_archive_mb: int = 4096
@@ -44,6 +51,13 @@ class Settings:
     max_batch_size: int = 32
     max_batch_wait_ms: float = 5.0
     max_queue_images: int = 256
+    # One forward pass holds at most this many image pixels (images x side x side): 32 images of
+    # 224 px, or one of 1024 px, so large images cannot allocate gigabytes at once.
+    max_batch_pixels: int = 32 * 224 * 224
+    # A prediction waiting longer than this for its forward pass gives up (503 + Retry-After).
+    predict_timeout_s: float = 30.0
+    # Models (backbones, fine-tuned models, heads) a serving process keeps loaded, by weight bytes.
+    max_model_memory_mb: int = 2048
     # Training jobs: a running job's worker reports every JOB_HEARTBEAT_SECONDS; one silent
     # for JOB_STALE_SECONDS is taken as lost and requeued by the reconciler.
     job_heartbeat_seconds: float = 15.0
@@ -59,7 +73,12 @@ class Settings:
             raise ValueError(f"JOB_CANCEL_GRACE_SECONDS must be above 0, received: {self.job_cancel_grace_seconds}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"PRECISION must be one of {PRECISIONS}, received: {self.precision!r}")
-        for name in ("max_upload_mb", "max_archive_entries", "max_archive_mb",
+        if self.serve_precision not in SERVE_PRECISIONS:
+            raise ValueError(f"SERVE_PRECISION must be one of {SERVE_PRECISIONS}, received: {self.serve_precision!r}")
+        if not self.predict_timeout_s > 0:
+            raise ValueError(f"PREDICT_TIMEOUT_S must be above 0, received: {self.predict_timeout_s}")
+        for name in ("max_upload_mb", "max_predict_mb", "max_batch_pixels", "max_model_memory_mb",
+                     "max_archive_entries", "max_archive_mb",
                      "max_compression_ratio", "max_image_pixels", "min_images_per_class", "port",
                      "web_concurrency", "threads", "max_batch_size", "max_queue_images"):
             if getattr(self, name) < 1:
@@ -105,7 +124,9 @@ class Settings:
             training_api_key=text("TRAINING_API_KEY", None),
             prediction_api_key=text("PREDICTION_API_KEY", None),
             max_upload_mb=number("MAX_UPLOAD_MB", defaults.max_upload_mb),
+            max_predict_mb=number("MAX_PREDICT_MB", defaults.max_predict_mb),
             precision=text("PRECISION", defaults.precision),
+            serve_precision=text("SERVE_PRECISION", defaults.serve_precision),
             max_archive_entries=number("MAX_ARCHIVE_ENTRIES", defaults.max_archive_entries),
             max_archive_mb=number("MAX_ARCHIVE_MB", defaults.max_archive_mb),
             max_compression_ratio=number("MAX_COMPRESSION_RATIO", defaults.max_compression_ratio),
@@ -118,6 +139,9 @@ class Settings:
             max_batch_size=number("MAX_BATCH_SIZE", defaults.max_batch_size),
             max_batch_wait_ms=number("MAX_BATCH_WAIT_MS", defaults.max_batch_wait_ms, float),
             max_queue_images=number("MAX_QUEUE_IMAGES", defaults.max_queue_images),
+            max_batch_pixels=number("MAX_BATCH_PIXELS", defaults.max_batch_pixels),
+            predict_timeout_s=number("PREDICT_TIMEOUT_S", defaults.predict_timeout_s, float),
+            max_model_memory_mb=number("MAX_MODEL_MEMORY_MB", defaults.max_model_memory_mb),
             job_heartbeat_seconds=number("JOB_HEARTBEAT_SECONDS", defaults.job_heartbeat_seconds, float),
             job_stale_seconds=number("JOB_STALE_SECONDS", defaults.job_stale_seconds, float),
             job_cancel_grace_seconds=number("JOB_CANCEL_GRACE_SECONDS", defaults.job_cancel_grace_seconds, float),

@@ -95,7 +95,7 @@ def test_random_backbone_is_the_same_in_every_build():
     first, second = build_backbone(spec), build_backbone(spec)
     np.testing.assert_array_equal(first.features(pixels), second.features(pixels))
     assert first.features(pixels).shape == (2, 512)
-    assert first.id == "vgg19-random0-avg-32px-p1"
+    assert first.id == "vgg19-random0-avg-32px-p1-float32"
 
 
 def test_backbone_spec_checks_arguments():

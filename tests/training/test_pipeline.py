@@ -39,7 +39,8 @@ def test_digits_end_to_end_reaches_85_percent(digits_dir, settings):
     metadata = json.loads((folder / "metadata.json").read_text())
     assert metadata["kind"] == "head"
     assert metadata["classes"] == sorted(metadata["classes"]) and len(metadata["classes"]) == 10
-    assert metadata["backbone"]["id"] == "vgg19-random0-avg-32px-p1"
+    assert metadata["backbone"]["id"] == "vgg19-random0-avg-32px-p1-float32"
+    assert metadata["backbone"]["precision"] == "float32"
     assert metadata["dataset"]["images"] == 1797 and metadata["dataset"]["id"] == result.dataset["id"]
     assert {"keras", "numpy", "pillow", "opencv"} <= set(metadata["library_versions"])
     assert metadata["params"]["head"]["optimizer"] == "nesterov"
