@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: run demo test test-torch smoke reliability reliability-load reliability-faults reliability-report bench \
-	bench-serve clean
+	bench-serve bench-precision clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench: $(BIN)/.installed
 
 bench-serve: $(BIN)/.installed
 	BACKBONE_WEIGHTS=none $(BIN)/python bench/serve_throughput.py
+
+# Heads trained in float32 and bfloat16, each served in both: top-1 agreement and accuracy.
+bench-precision: $(BIN)/.installed
+	BACKBONE_WEIGHTS=none $(BIN)/python bench/precision.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

@@ -203,7 +203,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    server = Server({**env, "PRECISION": "bfloat16"})
+    server = Server({**env, "SERVE_PRECISION": "bfloat16"})  # float32-trained heads on bfloat16 features
     try:
         bf16 = load(server.url, "m0", payloads, 16, args.seconds)
         bf16_answers = top1_labels(server.url, "m0", agreement_payloads)

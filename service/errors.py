@@ -40,6 +40,26 @@ class Overloaded(ServiceError):
         super().__init__(message, 503, "overloaded", {"Retry-After": str(retry_after)})
 
 
+class PredictTimeout(ServiceError):
+    """A prediction waited longer than PREDICT_TIMEOUT_S for its forward pass."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, 503, "timeout", {"Retry-After": str(retry_after)})
+
+
+class Unavailable(ServiceError):
+    """A part of the runtime cannot answer now (a stopped batching thread, a hung forward pass)."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, 503, "unavailable", {"Retry-After": str(retry_after)})
+
+
+def limit_body(megabytes: int, setting: str) -> None:
+    """Give this request's body its own size limit (a 413 past it names `setting`)."""
+    request.max_content_length = megabytes * 2**20
+    g.body_limit_setting = setting
+
+
 def error_body(code: str, message: str) -> dict:
     """The JSON body of every error answer."""
     return {"error": {"code": code, "message": message}}
@@ -76,8 +96,8 @@ def _http_message(exc: HTTPException) -> str:
     if data.get("messages"):  # webargs validation errors
         return readable(data["messages"])
     if isinstance(exc, RequestEntityTooLarge):
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        size = f"{limit / 2**20:g} MiB (MAX_UPLOAD_MB)" if limit else "the limit"
+        limit = request.max_content_length
+        size = f"{limit / 2**20:g} MiB ({g.get('body_limit_setting', 'MAX_UPLOAD_MB')})" if limit else "the limit"
         parts = f", with at most {current_app.config['MAX_FORM_PARTS']} form parts" \
             if request.mimetype == "multipart/form-data" else ""
         return f"request too large: the body may be at most {size}{parts}"

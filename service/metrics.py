@@ -33,6 +33,26 @@ BATCH_SIZE = Histogram("classifier_batch_size", "Images per backbone batch run b
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 QUEUE_DEPTH = Gauge("classifier_queue_depth", "Images waiting in the prediction queue", multiprocess_mode="livesum")
 MODEL_LOADS = Counter("classifier_model_loads_total", "Model versions loaded into memory", ["model"])
+MODEL_MEMORY = Gauge("classifier_model_memory_bytes", "Weight bytes of the models and backbones held in memory "
+                     "(bounded by MAX_MODEL_MEMORY_MB)", multiprocess_mode="livesum")
+LOADED_MODELS = Gauge("classifier_loaded_models", "Models and backbones held in memory", multiprocess_mode="livesum")
+
+
+def record_batch(batch_rows: int, queued_rows: int) -> None:
+    """Observe one forward pass of the prediction runtime."""
+    BATCH_SIZE.observe(batch_rows)
+    QUEUE_DEPTH.set(queued_rows)
+
+
+def record_load(name: str) -> None:
+    """Count a model version loaded into memory."""
+    MODEL_LOADS.labels(name).inc()
+
+
+def record_memory(entries: int, nbytes: int) -> None:
+    """Set what the runtime's model cache holds."""
+    LOADED_MODELS.set(entries)
+    MODEL_MEMORY.set(nbytes)
 
 
 def registry() -> CollectorRegistry:

@@ -1,97 +1,193 @@
 """The prediction runtime: one shared backbone per process, many small heads.
 
 Head-only models share the backbone their features came from (one per feature
-layer and image size), so an extra model costs only its head's few hundred KB,
-and one image scored by several models costs one backbone pass. Fine-tuned
-models carry their own backbone and run whole. Each request resolves the
-published version once, so a publish or roll back takes effect on the next
-request without a restart, and no request mixes two versions.
+layer, image size and precision), so an extra model costs only its head's few
+hundred KB, and one image scored by several models costs one backbone pass.
+Fine-tuned models carry their own backbone and run whole, each behind its own
+micro-batcher. Each request resolves the published version once, so a publish or
+roll back takes effect on the next request without a restart, and no request
+mixes two versions.
+
+What the service answers for a version is what its recorded metrics were
+computed from: the same preprocessing, the same weights (checked by backbone id)
+and, unless SERVE_PRECISION says otherwise, the same precision.
+
+Memory is bounded: backbones, fine-tuned models and heads live in one cache
+bounded by weight bytes (MAX_MODEL_MEMORY_MB), and one forward pass holds at most
+MAX_BATCH_PIXELS image pixels. The runtime imports no Flask: it reports batches
+and loads through the hooks it is given.
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
+import functools
 import logging
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service import metrics
-from service.batching import MicroBatcher
-from training.backbone import bfloat16_supported, weights_id
+from service.batching import BatcherClosed, MicroBatcher
+from service.errors import Unavailable
+from service.model_cache import ModelCache
+from training.backbone import BackboneSpec, backbone_id, build_backbone, weights_id
 from training.errors import ImageError, TrainingError
 from training.head import head_probabilities
 from training.images import preprocess_image
-from training.predict import LoadedModel, backbone_for, load_version, top_k_labels
+from training.predict import LoadedModel, backbone_spec, load_version, serving_precision, top_k_labels
 from training.settings import Settings
 from training.store import ModelStore
 
-MAX_CACHED_MODELS = 256
+MIB = 2**20
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeHooks:
+    """What the runtime reports as it works (the service turns these into metrics)."""
+
+    on_batch: Callable[[int, int], None] = lambda batch_rows, queued_rows: None
+    on_load: Callable[[str], None] = lambda name: None
+    on_memory: Callable[[int, int], None] = lambda entries, nbytes: None
+
+
+@dataclasses.dataclass
+class Served:
+    """A cached thing the runtime serves with: a model version or a backbone, and its batcher if it has one."""
+
+    model: LoadedModel | None = None
+    backbone: object | None = None  # training.backbone.Backbone
+    batcher: MicroBatcher | None = None
+
+    def close(self) -> None:
+        """Stop the batching thread (after the work queued on it)."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+ITEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+def weight_bytes(keras_model) -> int:
+    """Bytes of a Keras model's weights: what a cached model costs, for the memory bound."""
+    return sum(int(np.prod(w.shape)) * ITEM_BYTES.get(str(w.dtype), 4) for w in keras_model.weights)
 
 
 class ModelRuntime:
     """Load stored models on demand and answer predictions through micro-batched forwards."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, hooks: RuntimeHooks = RuntimeHooks()) -> None:
+        self.settings, self.hooks = settings, hooks
         self.store = ModelStore(settings.model_dir)
-        self.precision = settings.precision
-        if self.precision == "bfloat16" and not bfloat16_supported():
-            logger.warning("PRECISION=bfloat16, but this hardware has no native bfloat16: running float32")
-            self.precision = "float32"
-        self._models: collections.OrderedDict[tuple[str, int], LoadedModel] = collections.OrderedDict()
-        self._batchers: dict[tuple, MicroBatcher] = {}
-        self._lock = threading.Lock()
+        self._cache = ModelCache(settings.max_model_memory_mb * MIB, on_change=hooks.on_memory)
         self._decoders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
 
     # --- models -------------------------------------------------------------------------------------------------
 
+    def _identity(self, name: str, version: int) -> tuple:
+        """What the version's files are now (inode and mtime of its metadata): a replaced version is another."""
+        stat = (self.store.version_dir(name, version) / "metadata.json").stat()
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def _served_model(self, name: str, version: int | None = None) -> Served:
+        version = self.store.resolve_version(name, version)
+        return self._cache.get(("model", name, version), self._identity(name, version),
+                               lambda: self._load_model(name, version), self._file_bytes(name, version))
+
+    def _file_bytes(self, name: str, version: int) -> int:
+        """The size of a version's model file: about what its weights take in memory (stored uncompressed)."""
+        try:
+            return self.store.model_path(name, version)[1].stat().st_size
+        except (TrainingError, OSError):
+            return 0  # the load itself reports what is missing
+
     def model(self, name: str, version: int | None = None) -> LoadedModel:
         """The requested version (default: the published one), loaded once and cached."""
-        version = self.store.resolve_version(name, version)
-        key = (name, version)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-        loaded = load_version(self.store, name, version)  # outside the lock: loads take tens of ms
-        metrics.MODEL_LOADS.labels(name).inc()
-        with self._lock:
-            self._models[key] = loaded
-            while len(self._models) > MAX_CACHED_MODELS:
-                self._models.popitem(last=False)
-        return loaded
+        return self._served_model(name, version).model
 
-    def _batcher(self, key: tuple, forward, name: str) -> MicroBatcher:
-        with self._lock:
-            if key not in self._batchers:
-                s = self.settings
-                self._batchers[key] = MicroBatcher(forward, s.max_batch_size, s.max_batch_wait_ms,
-                                                   s.max_queue_images, name=name, on_batch=_record_batch)
-            return self._batchers[key]
+    def _load_model(self, name: str, version: int) -> tuple[Served, int]:
+        self._drop_stale_versions()
+        loaded = load_version(self.store, name, version)
+        self.hooks.on_load(name)
+        batcher = None
+        if loaded.kind == "full":
+            batcher = self._batcher(loaded.keras_model.predict_on_batch, f"model-{name}-{version}", loaded.image_size)
+        return Served(model=loaded, batcher=batcher), weight_bytes(loaded.keras_model)
 
-    def _features(self, model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
-        """Backbone features for a head-only model, through the shared backbone's batcher."""
-        backbone = backbone_for(model, self.settings, self.precision)
-        return self._batcher(("backbone", backbone.id, self.precision), backbone.features,
-                             f"backbone-{backbone.spec.image_size}").submit(pixels)
+    def _drop_stale_versions(self) -> None:
+        """Evict cached versions whose files were deleted or replaced since they were loaded."""
+        def stale(key: tuple, identity: tuple) -> bool:
+            if key[0] != "model":
+                return False
+            try:
+                return self._identity(key[1], key[2]) != identity
+            except (TrainingError, OSError):
+                return True
 
-    def _probabilities(self, model: LoadedModel, pixels: np.ndarray, features: np.ndarray | None = None):
+        self._cache.discard_where(stale)
+
+    def _served_backbone(self, model: LoadedModel) -> Served:
+        """The shared backbone (and its batcher) a head-only version is served with."""
+        spec = backbone_spec(model, self.settings)
+        precision = serving_precision(model, self.settings)
+        key = backbone_id(spec, weights_id(spec.weights), precision)
+        return self._cache.get(("backbone", key), key, lambda: self._load_backbone(spec, precision),
+                               spec.parameters * 4)
+
+    def _load_backbone(self, spec: BackboneSpec, precision: str) -> tuple[Served, int]:
+        backbone = build_backbone(spec, self.settings.keras_home, precision)
+        batcher = self._batcher(backbone.features, f"backbone-{spec.image_size}px-{precision}", spec.image_size)
+        return Served(backbone=backbone, batcher=batcher), weight_bytes(backbone.model)
+
+    def rows_per_forward(self, image_size: int) -> int:
+        """Images in one forward pass: MAX_BATCH_SIZE, fewer for large images (MAX_BATCH_PIXELS)."""
+        s = self.settings
+        return max(1, min(s.max_batch_size, s.max_batch_pixels // (image_size * image_size)))
+
+    def _batcher(self, forward, name: str, image_size: int) -> MicroBatcher:
+        s = self.settings
+        return MicroBatcher(forward, self.rows_per_forward(image_size), s.max_batch_wait_ms, s.max_queue_images,
+                            name=name, on_batch=self.hooks.on_batch, timeout_s=s.predict_timeout_s)
+
+    # --- forward passes -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _submit(get_served: Callable[[], Served], pixels: np.ndarray) -> np.ndarray:
+        """Run pixels through a cached batcher; one evicted between lookup and submit is fetched again."""
+        for _ in range(3):
+            try:
+                return get_served().batcher.submit(pixels)
+            except BatcherClosed:
+                continue
+        raise Unavailable("the model was unloaded three times while this request waited (memory pressure); "
+                          "retry, or raise MAX_MODEL_MEMORY_MB")
+
+    def _chunks(self, images: Sequence[bytes], image_size: int):
+        """Decoded pixels of `images` in pieces of at most one forward pass, so a request is bounded in memory too."""
+        step = self.rows_per_forward(image_size)
+        for start in range(0, len(images), step):
+            yield self.preprocess(images[start:start + step], image_size, first_index=start)
+
+    def features(self, model: LoadedModel, images: Sequence[bytes]) -> np.ndarray:
+        """Backbone features of `images` for a head-only version, through the shared backbone's batcher."""
+        get_served = functools.partial(self._served_backbone, model)
+        return np.concatenate([self._submit(get_served, pixels) for pixels in self._chunks(images, model.image_size)])
+
+    def probabilities(self, model: LoadedModel, images: Sequence[bytes], features: np.ndarray | None = None):
+        """Class probabilities of `images` (or of their backbone `features`, for a head-only version)."""
         if model.kind == "full":
-            forward = model.keras_model.predict_on_batch
-            return np.asarray(self._batcher(("full", model.name, model.version), forward,
-                                            f"model-{model.name}-{model.version}").submit(pixels), np.float64)
+            get_served = functools.partial(self._served_model, model.name, model.version)
+            parts = [self._submit(get_served, pixels) for pixels in self._chunks(images, model.image_size)]
+            return np.asarray(np.concatenate(parts), np.float64)
         if features is None:
-            features = self._features(model, pixels)
+            features = self.features(model, images)
         return np.asarray(head_probabilities(model.keras_model, features), np.float64)
 
     # --- requests -----------------------------------------------------------------------------------------------
 
-    def preprocess(self, images: Sequence[bytes], image_size: int) -> np.ndarray:
-        """Decode and preprocess a request's images; an error names the image's position."""
+    def preprocess(self, images: Sequence[bytes], image_size: int, first_index: int = 0) -> np.ndarray:
+        """Decode and preprocess images; an error names the image's position in the request."""
         def one(item: tuple[int, bytes]) -> np.ndarray:
             index, data = item
             try:
@@ -101,34 +197,30 @@ class ModelRuntime:
 
         if not images:
             raise TrainingError("no images given")
-        work = list(enumerate(images))
+        work = list(enumerate(images, start=first_index))
         arrays = [one(work[0])] if len(work) == 1 else list(self._decoders.map(one, work))
         return np.stack(arrays)
 
     def predict(self, name: str, images: list[bytes], version: int | None = None, top_k: int = 3) -> dict:
         """Score images with one model version; answers are in input order."""
         model = self.model(name, version)
-        probabilities = self._probabilities(model, self.preprocess(images, model.image_size))
+        probabilities = self.probabilities(model, images)
         return {"model": name, "version": model.version,
                 "predictions": top_k_labels(probabilities, model.classes, top_k)}
 
     def predict_many(self, names: list[str], images: list[bytes], top_k: int = 3) -> dict:
         """Score the same images with several published models, one backbone pass per backbone."""
         models = [self.model(name) for name in names]
-        pixels: dict[int, np.ndarray] = {}
         features: dict[str, np.ndarray] = {}
         results = []
         for model in models:
-            size = model.image_size
-            if size not in pixels:
-                pixels[size] = self.preprocess(images, size)
             shared = None
             if model.kind == "head":
-                backbone_id = model.metadata["backbone"]["id"]
-                if backbone_id not in features:
-                    features[backbone_id] = self._features(model, pixels[size])
-                shared = features[backbone_id]
-            probabilities = self._probabilities(model, pixels[size], shared)
+                key = self._served_backbone(model).backbone.id
+                if key not in features:
+                    features[key] = self.features(model, images)
+                shared = features[key]
+            probabilities = self.probabilities(model, images, shared)
             results.append({"model": model.name, "version": model.version,
                             "predictions": top_k_labels(probabilities, model.classes, top_k)})
         return {"results": results}
@@ -137,14 +229,14 @@ class ModelRuntime:
 
     def readiness(self) -> dict[str, str]:
         """Each component's state: 'ok' or why it is not ready."""
-        return {"backbone": backbone_weights_problem(self.settings) or "ok"}
+        problems = [problem for served in self._cache.values()
+                    if served.batcher is not None and (problem := served.batcher.problem())]
+        return {"backbone": backbone_weights_problem(self.settings) or "ok",
+                "batching": "; ".join(problems) or "ok"}
 
     def close(self) -> None:
-        """Stop the batching threads."""
-        with self._lock:
-            batchers, self._batchers = list(self._batchers.values()), {}
-        for batcher in batchers:
-            batcher.close()
+        """Stop the batching threads and unload every model."""
+        self._cache.close()
         self._decoders.shutdown(wait=False)
 
 
@@ -157,8 +249,3 @@ def backbone_weights_problem(settings: Settings) -> str | None:
     except TrainingError as exc:
         return exc.message
     return None
-
-
-def _record_batch(batch_rows: int, queued_rows: int) -> None:
-    metrics.BATCH_SIZE.observe(batch_rows)
-    metrics.QUEUE_DEPTH.set(queued_rows)

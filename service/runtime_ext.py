@@ -36,9 +36,12 @@ def get_runtime():
     with ext["runtime_lock"]:
         runtime = ext.get("runtime")
         if runtime is None or ext.get("runtime_pid", os.getpid()) != os.getpid():
-            from service.runtime import ModelRuntime  # TensorFlow comes with it: import in the worker only.
+            from service import metrics
+            from service.runtime import ModelRuntime, RuntimeHooks  # TensorFlow comes with it: in the worker only.
 
-            runtime = ModelRuntime(current_app.config["SETTINGS"])
+            hooks = RuntimeHooks(on_batch=metrics.record_batch, on_load=metrics.record_load,
+                                 on_memory=metrics.record_memory)
+            runtime = ModelRuntime(current_app.config["SETTINGS"], hooks)
             ext["runtime"], ext["runtime_pid"] = runtime, os.getpid()
     return runtime
 

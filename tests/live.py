@@ -103,6 +103,23 @@ def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
         process.wait()
 
 
+@contextlib.contextmanager
+def gunicorn(settings, log_path: Path, **env: str):
+    """Run `gunicorn -c gunicorn.conf.py wsgi:app` over `settings` on a free loopback port, until healthy;
+    yield (base URL, process); stop it afterwards. `env` adds or overrides environment variables."""
+    port = free_port()
+    with open(log_path, "w+") as log:
+        process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
+                                   env=server_env(settings, PORT=str(port), **env), stdout=log,
+                                   stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(base, process, log_path)
+            yield base, process
+        finally:
+            stop(process)
+
+
 def child_pids(pid: int) -> set[int]:
     """Process ids whose parent is `pid` (from /proc: the field after the command name)."""
     found = set()

@@ -13,7 +13,7 @@ from service.api.schemas import (
     PredictQuerySchema,
 )
 from service.auth import PREDICT, role
-from service.errors import ServiceError
+from service.errors import ServiceError, limit_body
 from service.inputs import FIELD, model_name, read_images
 from service.openapi import Blueprint
 from service.runtime_ext import get_runtime
@@ -32,8 +32,15 @@ IMAGES_BODY = {
     },
 }
 ERRORS = {400: "Bad input: no images, too many, an empty part, bad base64, bad query",
-          404: "No such model or version", 413: "Request too large",
-          415: "Not an image, or not multipart/JSON", 503: "Overloaded (see Retry-After) or weights missing"}
+          404: "No such model or version", 413: "Request body over MAX_PREDICT_MB",
+          415: "Not an image, or not multipart/JSON",
+          503: "Overloaded or timed out (see Retry-After), weights missing, or the runtime not ready"}
+
+
+@bp.before_request
+def limit_prediction_bodies() -> None:
+    """Prediction bodies get their own limit, well under the dataset uploads' (MAX_PREDICT_MB)."""
+    limit_body(current_app.config["SETTINGS"].max_predict_mb, "MAX_PREDICT_MB")
 
 
 def document_errors(view):

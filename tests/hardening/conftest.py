@@ -97,6 +97,7 @@ def service_env(settings: Settings) -> dict[str, str]:
     return {"MODEL_DIR": str(settings.model_dir), "DATA_DIR": str(settings.data_dir), "BACKBONE_WEIGHTS": "none",
             "KERAS_HOME": str(settings.keras_home), "TRAINING_API_KEY": corpus.TRAINING_KEY,
             "PREDICTION_API_KEY": corpus.PREDICTION_KEY, "MAX_UPLOAD_MB": str(corpus.UPLOAD_MB),
+            "MAX_PREDICT_MB": str(corpus.PREDICT_MB),
             "MAX_ARCHIVE_MB": str(corpus.ARCHIVE_MB), "MAX_ARCHIVE_ENTRIES": str(corpus.ARCHIVE_ENTRIES),
             "MAX_IMAGE_PIXELS": str(corpus.MAX_IMAGE_PIXELS), "MIN_IMAGES_PER_CLASS": str(corpus.MIN_IMAGES_PER_CLASS),
             "CELERY_BROKER_URL": "", "DATABASE_URL": ""}
@@ -150,6 +151,7 @@ def hardened_settings(folder: Path) -> Settings:
     return Settings(model_dir=folder / "models", data_dir=folder / "data", backbone_weights="none",
                     keras_home=folder / "keras", training_api_key=corpus.TRAINING_KEY,
                     prediction_api_key=corpus.PREDICTION_KEY, max_upload_mb=corpus.UPLOAD_MB,
+                    max_predict_mb=corpus.PREDICT_MB,
                     max_archive_mb=corpus.ARCHIVE_MB, max_archive_entries=corpus.ARCHIVE_ENTRIES,
                     max_image_pixels=corpus.MAX_IMAGE_PIXELS, min_images_per_class=corpus.MIN_IMAGES_PER_CLASS)
 

@@ -37,6 +37,7 @@ from training.errors import ArchiveError, DatasetError, ImageError, TrainingErro
 # The limits the service under test runs with (also the library's IngestLimits in the tests):
 # small, so a bomb or an oversized body is cheap to build and quick to refuse.
 UPLOAD_MB = 2
+PREDICT_MB = 1  # prediction bodies have their own, smaller limit
 ARCHIVE_MB = 8
 ARCHIVE_ENTRIES = 200
 MAX_IMAGE_PIXELS = 50_000_000  # the default: the size cases declare sizes against it
@@ -556,8 +557,11 @@ def request_cases() -> list[Case]:
     """Malformed, oversized or unauthorised requests to predict and to the dataset upload."""
     png = encode(noise(32, 30), "PNG")
     over = (UPLOAD_MB + 1) * 2**20
+    # Over the prediction limit, and not over the upload limit: predictions have their own.
+    predict_over = (PREDICT_MB + 1) * 2**20
+    assert predict_over <= UPLOAD_MB * 2**20
     deep = b"[" * 100_000 + b"]" * 100_000
-    big_json = json.dumps({"instances": [{"b64": base64.b64encode(bytes(over)).decode()}]}).encode()
+    big_json = json.dumps({"instances": [{"b64": base64.b64encode(bytes(predict_over)).decode()}]}).encode()
 
     def case(name: str, request: Request, status: int, says: str) -> Case:
         return Case("requests", name, request.body, Expect(status, says), request)
@@ -566,19 +570,22 @@ def request_cases() -> list[Case]:
         body, content_type = multipart(parts)
         return Request("POST", path, body, content_type, **options)
 
-    too_large = f"at most {UPLOAD_MB} MiB"
+    too_large = f"at most {UPLOAD_MB} MiB (MAX_UPLOAD_MB)"
+    predict_too_large = f"at most {PREDICT_MB} MiB (MAX_PREDICT_MB)"
     return [
         case("predict-empty-part", form(PREDICT, [("image", "a.png", png), ("image", "b.png", b"")]), 400,
              "image[1] is empty"),
         case("predict-no-image-field", form(PREDICT, [("picture", "a.png", png)]), 400, "no images"),
         case("predict-65-images", form(PREDICT, [("image", f"{n}.png", png) for n in range(65)]), 400, "at most 64"),
         case("predict-300-parts", form(PREDICT, [(f"field{n}", None, b"x") for n in range(300)]), 413, "form parts"),
-        case("predict-over-limit", form(PREDICT, [("image", "big.png", bytes(over))]), 413, too_large),
-        case("predict-over-limit-chunked", form(PREDICT, [("image", "big.png", bytes(over))], chunked=True), 413,
-             too_large),
-        case("predict-json-over-limit", Request("POST", PREDICT, big_json, "application/json"), 413, too_large),
+        case("predict-over-limit", form(PREDICT, [("image", "big.png", bytes(predict_over))]), 413,
+             predict_too_large),
+        case("predict-over-limit-chunked", form(PREDICT, [("image", "big.png", bytes(predict_over))], chunked=True),
+             413, predict_too_large),
+        case("predict-json-over-limit", Request("POST", PREDICT, big_json, "application/json"), 413,
+             predict_too_large),
         case("predict-json-over-limit-chunked", Request("POST", PREDICT, big_json, "application/json", chunked=True),
-             413, too_large),
+             413, predict_too_large),
         case("predict-raw-image-body", Request("POST", PREDICT, png, "image/png"), 415, "multipart/form-data"),
         case("predict-no-content-type", Request("POST", PREDICT, png), 415, "multipart/form-data"),
         case("predict-invalid-json", Request("POST", PREDICT, b'{"instances": [', "application/json"), 400,

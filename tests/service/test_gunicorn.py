@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.live import GUNICORN, ROOT, child_pids, fetch, free_port, multipart, server_env, stop, wait_healthy
+from tests.live import GUNICORN, ROOT, child_pids, fetch, free_port, gunicorn, multipart, server_env
 from tests.service.conftest import MODEL
 from tests.service.test_metrics import metric_value
 
@@ -16,17 +15,8 @@ from tests.service.test_metrics import metric_value
 @pytest.fixture
 def gunicorn_server(trained_settings, tmp_path):
     """Run `gunicorn -c gunicorn.conf.py wsgi:app` with two workers on a free loopback port."""
-    port = free_port()
-    log = (tmp_path / "gunicorn.log").open("w+")
-    process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
-                               env=server_env(trained_settings, PORT=str(port)), stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, process, Path(log.name))
-        yield base, process
-    finally:
-        stop(process)
-        log.close()
+    with gunicorn(trained_settings, tmp_path / "gunicorn.log") as server:
+        yield server
 
 
 def test_gunicorn_serves_predictions_and_metrics_from_two_workers(gunicorn_server, digit_pngs):

@@ -168,17 +168,30 @@ def big_body(size: int) -> bytes:
     return b'{"instances": [{"b64": "' + b"A" * size + b'"}]}'
 
 
-def test_body_over_max_upload_is_413_with_content_length(fake_app):
-    client = fake_app(max_upload_mb=1).test_client()
+def test_body_over_max_predict_is_413_with_content_length(fake_app):
+    client = fake_app(max_predict_mb=1).test_client()
     response = client.post(PREDICT, data=big_body(2 * 2**20), content_type="application/json")
     assert_error(response, 413, "too_large", "1 MiB")
     response = client.post(PREDICT, data=files(b"x" * (2 * 2**20)))
+    assert_error(response, 413, "too_large", "MAX_PREDICT_MB")
+    response = client.post("/v1/predict?models=digits", data=files(b"x" * (2 * 2**20)))
+    assert_error(response, 413, "too_large", "MAX_PREDICT_MB")
+
+
+def test_prediction_bodies_have_their_own_limit_below_the_upload_limit(fake_app):
+    """Dataset uploads may be far larger than a prediction request (MAX_UPLOAD_MB vs MAX_PREDICT_MB)."""
+    client = fake_app(max_predict_mb=1, max_upload_mb=8).test_client()
+    body = b"x" * (2 * 2**20)
+    assert_error(client.post(PREDICT, data=files(body)), 413, "too_large", "MAX_PREDICT_MB")
+    upload = client.post("/v1/datasets", data={"file": (io.BytesIO(body), "photos.zip")})
+    assert upload.status_code == 400, upload.get_json()  # read whole and refused as an archive, not as too large
+    response = client.post("/v1/datasets", data={"file": (io.BytesIO(b"x" * (9 * 2**20)), "photos.zip")})
     assert_error(response, 413, "too_large", "MAX_UPLOAD_MB")
 
 
-def test_body_over_max_upload_is_413_without_content_length(fake_app):
+def test_body_over_max_predict_is_413_without_content_length(fake_app):
     """A chunked body (no Content-Length) is cut off at the limit while it streams."""
-    app = fake_app(max_upload_mb=1)
+    app = fake_app(max_predict_mb=1)
     for content_type, body in (("application/json", big_body(2 * 2**20)),
                                ("multipart/form-data; boundary=b", b"--b\r\n" + b"x" * (2 * 2**20))):
         environ = EnvironBuilder(path=PREDICT, method="POST", content_type=content_type).get_environ()

@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher
-from service.errors import Overloaded
+from service.batching import MicroBatcher, own_copy
+from service.errors import Overloaded, PredictTimeout, Unavailable
 from service.runtime import ModelRuntime
+from training.backbone import bfloat16_supported
 from training.demo import write_digits_dataset
-from training.errors import ImageError, ModelNotFoundError, UnsupportedImageError
+from training.errors import ImageError, ModelNotFoundError, StoreFullError, UnsupportedImageError
 from training.options import parse_options
 from training.pipeline import train
 from training.predict import predict_files
@@ -100,6 +101,108 @@ def test_a_failing_forward_fails_its_batch_and_the_thread_lives_on():
         batcher.close()
 
 
+def test_each_waiter_gets_its_own_error_and_the_next_request_succeeds():
+    """One failing forward fails every request of its batch, each with its own exception object."""
+    gate, calls = threading.Event(), []
+
+    def forward(rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            gate.wait(5)
+            return rows
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return rows
+
+    batcher = MicroBatcher(forward, max_batch_size=8, max_wait_ms=50)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(batcher.submit, np.zeros((1, 1)))  # holds the thread in forward
+            time.sleep(0.1)
+            waiting = [pool.submit(batcher.submit, np.zeros((1, 1))) for _ in range(3)]  # one batch of three
+            time.sleep(0.1)
+            gate.set()
+            first.result(5)
+            errors = [f.exception(5) for f in waiting]
+        assert calls[:2] == [1, 3]
+        assert all(isinstance(e, RuntimeError) and "device lost" in str(e) for e in errors)
+        assert len({id(e) for e in errors}) == 3
+        assert batcher.submit(np.ones((2, 1))).tolist() == [[1.0], [1.0]]
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_a_failing_on_batch_hook_fails_its_batch_and_the_thread_lives_on():
+    hook_calls = []
+
+    def on_batch(rows, queued):
+        hook_calls.append(rows)
+        if len(hook_calls) == 1:
+            raise ValueError("metrics backend down")
+
+    batcher = MicroBatcher(lambda rows: rows * 3, max_batch_size=4, max_wait_ms=0, on_batch=on_batch)
+    try:
+        with pytest.raises(ValueError, match="metrics backend down"):
+            batcher.submit(np.ones((1, 1)))
+        assert batcher.submit(np.ones((1, 1)))[0, 0] == 3
+        assert batcher.problem() is None
+    finally:
+        batcher.close()
+
+
+def test_a_forward_that_never_returns_times_out_and_is_reported():
+    hang = threading.Event()
+    batcher = MicroBatcher(lambda rows: hang.wait(60) and rows, max_batch_size=1, max_wait_ms=0, timeout_s=0.5,
+                           name="backbone-test")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            stuck = pool.submit(batcher.submit, np.zeros((1, 1)))
+            time.sleep(0.1)
+            queued = pool.submit(batcher.submit, np.zeros((1, 1)))
+            for future in (stuck, queued):
+                with pytest.raises(PredictTimeout) as info:
+                    future.result(5)
+                assert info.value.status == 503 and info.value.headers["Retry-After"]
+                assert "PREDICT_TIMEOUT_S" in info.value.message
+        assert batcher._queued_rows == 0  # the timed-out request left the queue
+        time.sleep(0.2)
+        problem = batcher.problem()
+        assert problem and "backbone-test" in problem and "forward pass" in problem
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="forward pass"):  # fails fast while the forward is hung
+            batcher.submit(np.zeros((1, 1)))
+        assert time.monotonic() - started < 0.1
+        hang.set()  # the forward returns: the batcher answers again
+        time.sleep(0.1)
+        assert batcher.problem() is None
+        assert batcher.submit(np.ones((1, 1)))[0, 0] == 1
+    finally:
+        hang.set()
+        batcher.close()
+
+
+def test_a_stopped_batching_thread_is_reported_and_refuses_work():
+    batcher = MicroBatcher(lambda rows: rows, max_wait_ms=0, name="model-x-1")
+    with batcher._cond:  # stop the thread as a crash would, without closing the batcher
+        batcher._closed = True
+        batcher._cond.notify_all()
+    batcher._thread.join(5)
+    batcher._closed = False
+    assert "model-x-1 has stopped" in batcher.problem()
+    with pytest.raises(Unavailable, match="stopped"):
+        batcher.submit(np.zeros((1, 1)))
+
+
+def test_own_copy_keeps_the_type_and_message_and_chains_the_original():
+    original = ImageError("image 3: truncated")
+    clone = own_copy(original)
+    assert type(clone) is ImageError and clone is not original and clone.message == original.message
+    assert clone.__cause__ is original
+    odd = StoreFullError("disk full", 28)  # a constructor with other arguments: a RuntimeError naming it
+    assert isinstance(own_copy(odd), RuntimeError) and "StoreFullError: disk full" in str(own_copy(odd))
+
+
 # --- runtime on real models -------------------------------------------------------------------------------------
 
 
@@ -144,7 +247,7 @@ def test_concurrent_predictions_are_each_right(served):
 def test_many_models_share_one_backbone_pass(served, monkeypatch):
     _, runtime, images = served
     runtime.predict("digits", [images[0].read_bytes()])  # batcher exists
-    batcher = next(b for key, b in runtime._batchers.items() if key[0] == "backbone")
+    batcher = next(served.batcher for served in runtime._cache.values() if served.backbone is not None)
     calls = []
     original = batcher.submit
     monkeypatch.setattr(batcher, "submit", lambda rows: calls.append(len(rows)) or original(rows))
@@ -179,25 +282,48 @@ def test_bad_images_name_their_position(served):
         runtime.predict("digits", [images[0].read_bytes()], version=99)
 
 
-def test_bfloat16_agrees_with_float32(served):
+def test_serve_precision_bfloat16_agrees_with_float32(served):
+    """SERVE_PRECISION=bfloat16 serves a float32-trained head on bfloat16 features (where the CPU has it)."""
     settings, runtime, images = served
     import dataclasses
 
-    fast = ModelRuntime(dataclasses.replace(settings, precision="bfloat16"))
+    fast = ModelRuntime(dataclasses.replace(settings, serve_precision="bfloat16"))
     try:
         data = [p.read_bytes() for p in images]
         reference = runtime.predict("digits", data)["predictions"]
         reduced = fast.predict("digits", data)["predictions"]
+        backbones = [served.backbone for served in fast._cache.values() if served.backbone is not None]
     finally:
         fast.close()
     agree = np.mean([a["label"] == b["label"] for a, b in zip(reference, reduced)])
     assert agree >= 0.9, agree
-    assert fast.precision in ("bfloat16", "float32")
+    assert [b.precision for b in backbones] == ["bfloat16" if bfloat16_supported() else "float32"]
 
 
 def test_readiness_reports_each_component(served, tmp_path):
     _, runtime, _ = served
-    assert runtime.readiness() == {"backbone": "ok"}
+    assert runtime.readiness() == {"backbone": "ok", "batching": "ok"}
     broken = ModelRuntime(Settings(model_dir=tmp_path / "absent", backbone_weights=str(tmp_path / "w.h5")))
     assert "not found" in broken.readiness()["backbone"]
     broken.close()
+
+
+def test_a_forward_pass_is_bounded_by_pixels_as_well_as_images(served):
+    """MAX_BATCH_PIXELS: large images go through in smaller batches, and a request is decoded piece by piece."""
+    import dataclasses
+
+    from service.runtime import RuntimeHooks
+
+    settings, runtime, images = served
+    batches = []
+    small = ModelRuntime(dataclasses.replace(settings, max_batch_pixels=2 * 32 * 32, max_batch_size=32),
+                         RuntimeHooks(on_batch=lambda rows, queued: batches.append(rows)))
+    try:
+        assert small.rows_per_forward(32) == 2 and small.rows_per_forward(1024) == 1
+        assert runtime.rows_per_forward(32) == settings.max_batch_size
+        data = [p.read_bytes() for p in images[:5]]
+        answer = small.predict("digits", data)["predictions"]
+        assert [a["label"] for a in answer] == [a["label"] for a in runtime.predict("digits", data)["predictions"]]
+        assert batches and max(batches) <= 2 and sum(batches) == 5
+    finally:
+        small.close()
