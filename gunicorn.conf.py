@@ -65,12 +65,12 @@ def child_exit(server, worker) -> None:
 
 
 def worker_exit(server, worker) -> None:
-    """Stop the exiting worker's prediction runtime (batching threads)."""
-    from service.runtime_ext import close_runtime
+    """Close what the exiting worker built: its prediction runtime (threads), job database and broker pool."""
+    from service.extensions import close
 
     app = getattr(worker, "wsgi", None)
     if app is not None and hasattr(app, "extensions"):
-        close_runtime(app)
+        close(app)
 
 
 def on_exit(server) -> None:

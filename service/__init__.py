@@ -7,10 +7,12 @@ only reader of the environment), then the test override. Tests inject settings w
 
 from __future__ import annotations
 
-from flask import Flask
-from flask.json.provider import DefaultJSONProvider
+from typing import TYPE_CHECKING
 
 from training.settings import Settings
+
+if TYPE_CHECKING:  # Flask is imported by create_app: `service.runtime` and its batcher import no Flask.
+    from flask import Flask
 
 MIB = 2**20
 DEFAULT_CONFIG = {
@@ -23,16 +25,6 @@ DEFAULT_CONFIG = {
 }
 
 
-class JSONProvider(DefaultJSONProvider):
-    """Flask's JSON, where a body nested too deeply to parse is invalid JSON (a 400), not a RecursionError (a 500)."""
-
-    def loads(self, s, **kwargs):
-        try:
-            return super().loads(s, **kwargs)
-        except RecursionError:
-            raise ValueError("JSON nested too deeply") from None
-
-
 def settings_config(settings: Settings) -> dict:
     """Flask config derived from the settings."""
     return {"SETTINGS": settings, "MAX_CONTENT_LENGTH": settings.max_upload_mb * MIB}
@@ -40,6 +32,10 @@ def settings_config(settings: Settings) -> dict:
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Create and configure the service's Flask app."""
+    from flask import Flask
+
+    from service.api import JSONProvider, datasets, health, jobs, models, predict
+
     app = Flask(__name__)
     app.json = JSONProvider(app)
     app.json.sort_keys = False  # Keep the documented order: {"model", "version", "predictions"}.
@@ -49,15 +45,16 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config:
         app.config.from_mapping(test_config)
 
-    from service import auth, errors, jobs_ext, logs, metrics, openapi, runtime_ext, web
+    from service import auth, errors, extensions, logs, metrics, openapi, web
 
     # Order matters: timing and request ids start before auth may answer early.
     logs.init_app(app)
     metrics.init_app(app)
     errors.init_app(app)
     auth.init_app(app)
-    runtime_ext.init_app(app)
-    jobs_ext.init_app(app)
-    openapi.init_app(app)
+    extensions.init_app(app)
+    api = openapi.init_app(app)
+    for resource in (health, models, predict, datasets, jobs):  # the order of /openapi.json's paths
+        api.register_blueprint(resource.bp)
     web.init_app(app)
     return app

@@ -4,12 +4,13 @@ A backbone forward on a batch of 16 costs far less than 16 forwards of one, so a
 single thread owns the model and gathers the rows of waiting requests (up to
 `max_batch_size` rows, waiting at most `max_wait_ms` for more once it has some).
 The queue is bounded in rows: when it is full, `submit` fails at once with
-`Overloaded` (503 + Retry-After) instead of letting requests time out.
+`Overloaded` (the service answers 503 + Retry-After) instead of letting requests time out.
 
 Nobody waits forever: every caller gets its rows' outputs or its own error, the
 thread survives whatever one batch raises, a caller gives up after `timeout_s`
 (`PredictTimeout`), and `problem()` tells readiness when the thread died or a
-forward pass has been running for longer than that.
+forward pass has been running for longer than that. It raises library errors
+and imports no Flask: HTTP statuses live in `service.errors`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.errors import Overloaded, PredictTimeout, Unavailable
+from training.errors import ModelUnavailable, Overloaded, PredictTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class MicroBatcher:
                 raise BatcherClosed(f"{self.name} is closed")
             problem = self.problem()
             if problem:  # Waiting behind a dead thread or a hung forward pass would only time out.
-                raise Unavailable(problem)
+                raise ModelUnavailable(problem)
             if self._queued_rows + len(request.rows) > self.max_queue_rows and self._queued_rows:
                 raise Overloaded(f"prediction queue is full ({self._queued_rows} images waiting), retry shortly")
             self._pending.append(request)

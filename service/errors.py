@@ -1,8 +1,9 @@
-"""One error hierarchy for the HTTP layer, mapped to JSON in one place.
+"""Errors answered over HTTP, mapped to JSON in one place.
 
-Every error answer is `{"error": {"code": "...", "message": "..."}}` with the right
-status. Library errors (`TrainingError`) carry their own status; anything
-unexpected is logged and answered as a 500 without internals.
+Every error answer is `{"error": {"code": "...", "message": "..."}}` with the right status.
+Library errors (`TrainingError`) say what went wrong; `STATUSES` says how each kind is answered.
+Anything unexpected (a bare ValueError from a bug included) is logged and answered as a 500
+without internals.
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ from http import HTTPStatus
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from training.errors import TrainingError
+from training.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    PredictTimeout,
+    StoreFullError,
+    TrainingError,
+    Unavailable,
+    UnsupportedImageError,
+    WeightsError,
+)
 
 logger = logging.getLogger("service.errors")
 
@@ -21,9 +33,41 @@ CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_fo
          409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "too_many_requests",
          500: "internal_error", 503: "unavailable", 507: "insufficient_storage"}
 
+# Library error class -> (status, code). An error is answered by the first of its classes (its MRO,
+# most specific first) found here: UnsupportedImageError is a 415 although it is an InvalidInput (400).
+STATUSES: dict[type[TrainingError], tuple[int, str]] = {
+    UnsupportedImageError: (415, "unsupported_media_type"),
+    InvalidInput: (400, "bad_request"),
+    NotFound: (404, "not_found"),
+    Conflict: (409, "conflict"),
+    StoreFullError: (507, "insufficient_storage"),
+    WeightsError: (503, "unavailable"),
+    Overloaded: (503, "overloaded"),
+    PredictTimeout: (503, "timeout"),
+    Unavailable: (503, "unavailable"),
+    # Any other message meant for the user (e.g. job params that are not JSON-able) is about its input.
+    TrainingError: (400, "bad_request"),
+}
+
+
+def http_status(exc: TrainingError) -> tuple[int, str]:
+    """The status and code a library error is answered with."""
+    return next(STATUSES[klass] for klass in type(exc).__mro__ if klass in STATUSES)
+
+
+def http_headers(exc: TrainingError) -> dict[str, str]:
+    """Headers a library error is answered with: Retry-After for what may work again soon."""
+    retry_after = getattr(exc, "retry_after", None)
+    return {} if retry_after is None else {"Retry-After": str(retry_after)}
+
 
 class ServiceError(Exception):
-    """An error answered to the client with `status` and a message meant for it."""
+    """An error about the HTTP request itself, answered with `status` and a message meant for the client.
+
+    Only for what the library cannot know: content types, request encodings, per-request limits,
+    keys, and answers that need their own headers (Location, WWW-Authenticate). Everything about
+    the data itself is a library error, answered through `STATUSES`.
+    """
 
     def __init__(self, message: str, status: int = 400, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -31,27 +75,6 @@ class ServiceError(Exception):
         self.message, self.status = message, status
         self.code = code or CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_"))
         self.headers = headers or {}
-
-
-class Overloaded(ServiceError):
-    """The prediction queue is full: come back shortly."""
-
-    def __init__(self, message: str = "prediction queue is full, retry shortly", retry_after: int = 1) -> None:
-        super().__init__(message, 503, "overloaded", {"Retry-After": str(retry_after)})
-
-
-class PredictTimeout(ServiceError):
-    """A prediction waited longer than PREDICT_TIMEOUT_S for its forward pass."""
-
-    def __init__(self, message: str, retry_after: int = 5) -> None:
-        super().__init__(message, 503, "timeout", {"Retry-After": str(retry_after)})
-
-
-class Unavailable(ServiceError):
-    """A part of the runtime cannot answer now (a stopped batching thread, a hung forward pass)."""
-
-    def __init__(self, message: str, retry_after: int = 5) -> None:
-        super().__init__(message, 503, "unavailable", {"Retry-After": str(retry_after)})
 
 
 def limit_body(megabytes: int, setting: str) -> None:
@@ -120,7 +143,7 @@ def handle_error(exc: Exception) -> Response:
     if isinstance(exc, ServiceError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, TrainingError):
-        return error_response(exc.status, CODES.get(exc.status, "error"), exc.message)
+        return error_response(*http_status(exc), exc.message, http_headers(exc))
     if isinstance(exc, HTTPException) and exc.code is not None:
         return _http_error(exc)
     request_id = g.get("request_id", "-")

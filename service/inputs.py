@@ -1,4 +1,7 @@
-"""The images of a predict request: multipart parts named `image`, or JSON `{"instances": [{"b64"}]}`."""
+"""The images of a predict request: multipart parts named `image`, or JSON `{"instances": [{"b64"}]}`.
+
+The JSON body's schema lives here, with the code that reads it; the API documents it from here.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,23 @@ import base64
 import binascii
 
 from flask import Request
-from marshmallow import ValidationError
+from marshmallow import Schema, ValidationError, fields
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from service.api.schemas import InstancesSchema
 from service.errors import ServiceError, readable
-from training.store import validate_name
 
 MULTIPART, JSON = "multipart/form-data", "application/json"
 FIELD = "image"
+
+
+class InstanceSchema(Schema):
+    b64 = fields.String(required=True, metadata={"description": "the image file's bytes, base64-encoded"})
+
+
+class InstancesSchema(Schema):
+    """JSON predict body: `{"instances": [{"b64": "..."}]}`."""
+
+    instances = fields.List(fields.Nested(InstanceSchema), required=True)
 
 
 def read_images(req: Request, limit: int) -> list[bytes]:
@@ -87,11 +98,3 @@ def decode_b64(text: str, index: int) -> bytes:
     if not data:
         raise ServiceError(f"instances[{index}].b64 is empty")
     return data
-
-
-def model_name(name: str) -> str:
-    """Check a model name from the URL or query; a malformed one is a 400 naming the rule."""
-    try:
-        return validate_name(name)
-    except ValueError as exc:
-        raise ServiceError(str(exc)) from None

@@ -6,15 +6,12 @@ served by a local route: the service runs without internet, so no CDN.
 
 from __future__ import annotations
 
-import json
 from importlib.resources import files
 
-import flask_smorest
 from flask import Blueprint as FlaskBlueprint
 from flask import Flask, send_from_directory
-from webargs.flaskparser import FlaskParser
 
-from service.api.schemas import ErrorSchema
+from service.api import Api
 
 DOCS_ASSETS_URL = "/docs/assets/"
 SECURITY_SCHEMES = {
@@ -38,35 +35,6 @@ OPENAPI_CONFIG = {
 }
 
 
-class ArgumentsParser(FlaskParser):
-    """webargs parser answering invalid arguments with 400 (the API's bad-input status), not 422."""
-
-    DEFAULT_VALIDATION_STATUS = 400
-
-    def _raw_load_json(self, req):
-        """The JSON body; one nested too deeply to parse is invalid JSON (a 400), not a RecursionError (a 500)."""
-        try:
-            return super()._raw_load_json(req)
-        except RecursionError:
-            # A non-empty document: webargs takes an error on an empty one for "no body".
-            raise json.JSONDecodeError("JSON nested too deeply", "[[...", 0) from None
-
-
-class Blueprint(flask_smorest.Blueprint):
-    """flask-smorest blueprint whose argument errors are 400s."""
-
-    ARGUMENTS_PARSER = ArgumentsParser()
-
-
-class Api(flask_smorest.Api):
-    """flask-smorest Api that leaves error answers to `service.errors` (one handler, one shape)."""
-
-    ERROR_SCHEMA = ErrorSchema
-
-    def _register_error_handlers(self) -> None:
-        """Register nothing: `service.errors.init_app` handles every error."""
-
-
 def swagger_ui_dist() -> str:
     """Folder of the Swagger UI files shipped in the flask-swagger-ui package."""
     return str(files("flask_swagger_ui") / "dist")
@@ -85,14 +53,10 @@ def docs_assets_blueprint() -> FlaskBlueprint:
 
 
 def init_app(app: Flask) -> Api:
-    """Register the API blueprints, /openapi.json, /docs and the Swagger UI files."""
-    from service.api import datasets, health, jobs, models, predict
-
+    """Serve /openapi.json, /docs and the Swagger UI files; return the Api that `create_app` fills with blueprints."""
     for key, value in OPENAPI_CONFIG.items():
         app.config.setdefault(key, value)
     api = Api(app)
-    for module in (health, models, predict, datasets, jobs):
-        api.register_blueprint(module.bp)
     app.register_blueprint(docs_assets_blueprint())
     app.extensions["api"] = api
     return api

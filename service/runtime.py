@@ -29,11 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.batching import BatcherClosed, MicroBatcher
-from service.errors import Unavailable
 from service.model_cache import ModelCache
 from training.backbone import BackboneSpec, backbone_id, build_backbone, weights_id
-from training.errors import ImageError, TrainingError
-from training.head import head_probabilities
+from training.errors import ImageError, InvalidInput, ModelUnavailable, TrainingError
 from training.images import preprocess_image
 from training.predict import LoadedModel, backbone_spec, load_version, serving_precision, top_k_labels
 from training.settings import Settings
@@ -160,8 +158,8 @@ class ModelRuntime:
                 return get_served().batcher.submit(pixels)
             except BatcherClosed:
                 continue
-        raise Unavailable("the model was unloaded three times while this request waited (memory pressure); "
-                          "retry, or raise MAX_MODEL_MEMORY_MB")
+        raise ModelUnavailable("the model was unloaded three times while this request waited (memory pressure); "
+                               "retry, or raise MAX_MODEL_MEMORY_MB")
 
     def _chunks(self, images: Sequence[bytes], image_size: int):
         """Decoded pixels of `images` in pieces of at most one forward pass, so a request is bounded in memory too."""
@@ -175,14 +173,20 @@ class ModelRuntime:
         return np.concatenate([self._submit(get_served, pixels) for pixels in self._chunks(images, model.image_size)])
 
     def probabilities(self, model: LoadedModel, images: Sequence[bytes], features: np.ndarray | None = None):
-        """Class probabilities of `images` (or of their backbone `features`, for a head-only version)."""
+        """Class probabilities of `images` (or of their backbone `features`, for a head-only version).
+
+        Through `LoadedModel.probabilities`, the method training scored the version's validation with,
+        given the micro-batched forward: the shared backbone's, or the fine-tuned model's own.
+        """
+        if features is not None:
+            return model.probabilities(features=features)
         if model.kind == "full":
             get_served = functools.partial(self._served_model, model.name, model.version)
-            parts = [self._submit(get_served, pixels) for pixels in self._chunks(images, model.image_size)]
-            return np.asarray(np.concatenate(parts), np.float64)
-        if features is None:
-            features = self.features(model, images)
-        return np.asarray(head_probabilities(model.keras_model, features), np.float64)
+        else:
+            get_served = functools.partial(self._served_backbone, model)
+        forward = functools.partial(self._submit, get_served)
+        return np.concatenate([model.probabilities(pixels, forward=forward)
+                               for pixels in self._chunks(images, model.image_size)])
 
     # --- requests -----------------------------------------------------------------------------------------------
 
@@ -196,7 +200,7 @@ class ModelRuntime:
                 raise type(exc)(f"image {index}: {exc.message}") from None
 
         if not images:
-            raise TrainingError("no images given")
+            raise InvalidInput("no images given")
         work = list(enumerate(images, start=first_index))
         arrays = [one(work[0])] if len(work) == 1 else list(self._decoders.map(one, work))
         return np.stack(arrays)

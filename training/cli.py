@@ -1,4 +1,4 @@
-"""Command line: `python -m training train|predict|evaluate|models|demo`.
+"""Command line: `python -m training train|predict|evaluate|models|reconcile|demo`.
 
 Bad input ends with a non-zero exit and a one-line reason on stderr, never a
 traceback: every error a user can cause is a `TrainingError` or a `ValueError`.
@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from training.errors import Cancelled, TrainingError  # noqa: E402
+from training.jobs.cli import RECONCILE_HELP, add_reconcile_arguments, command_reconcile  # noqa: E402
 from training.settings import Settings  # noqa: E402
 
 console = Console(stderr=True, soft_wrap=True)
@@ -87,11 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list stored models")
     models.add_argument("--json", action="store_true", help="print JSON")
 
-    reconcile = sub.add_parser("reconcile", help="requeue training jobs whose worker died; re-send lost messages; "
-                                                 "kill runs that ignore a cancel")
-    reconcile.add_argument("--every", type=float, help="repeat every N seconds (default: once)")
-    reconcile.add_argument("--lost-after", type=float, default=600.0, metavar="SECONDS",
-                           help="re-send a queued job's message once the job is this old (default: 600)")
+    # The job system's own command (`python -m training.jobs reconcile`), offered here too.
+    add_reconcile_arguments(sub.add_parser("reconcile", help=RECONCILE_HELP))
 
     demo = sub.add_parser("demo", help="make the sample digits dataset, train on it and predict")
     demo.add_argument("--image-size", type=int, default=64)
@@ -196,30 +194,6 @@ def command_models(args: argparse.Namespace, settings: Settings) -> int:
                       ", ".join(published["classes"]))
     out.print(table)
     return 0
-
-
-def command_reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the job reconciler once, or every N seconds until interrupted."""
-    import time
-
-    from training.tasks import make_celery, reconcile
-
-    app = make_celery(settings)
-    while True:
-        try:
-            counts = reconcile(settings, app, lost_after_seconds=args.lost_after)
-        except Exception as exc:
-            if not args.every:
-                raise
-            # The broker or the job database is down for a while: say so and try again, never exit.
-            print(f"reconcile failed, next try in {args.every:g} s: {type(exc).__name__}: {exc}", file=sys.stderr)
-            time.sleep(args.every)
-            continue
-        if any(counts.values()) or not args.every:
-            out.print_json(json.dumps(counts))
-        if not args.every:
-            return 0
-        time.sleep(args.every)
 
 
 def command_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -25,27 +25,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from training.errors import ArchiveError, TrainingError
-from training.ingest import IngestLimits, ingest
+from training.errors import ArchiveError, DatasetNotFoundError, InvalidInput
+from training.ingest import CHUNK_BYTES, IngestLimits, ingest
 from training.store import fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from training.settings import Settings
 
 ID_PATTERN = re.compile(r"[0-9a-f]{16}")
-_CHUNK = 2**20
-
-
-class DatasetNotFoundError(TrainingError):
-    """A dataset id that is not in the store."""
-
-    status = 404
 
 
 def validate_id(dataset_id: str) -> str:
     """Check a dataset id: exactly 16 lowercase hex characters, so it can never name a path outside the root."""
     if not isinstance(dataset_id, str) or not ID_PATTERN.fullmatch(dataset_id):
-        raise ValueError(f"dataset_id must be 16 lowercase hex characters, received: {dataset_id!r}")
+        raise InvalidInput(f"dataset_id must be 16 lowercase hex characters, received: {dataset_id!r}")
     return dataset_id
 
 
@@ -157,7 +150,7 @@ def _save_stream(stream: BinaryIO, target: Path, max_bytes: int) -> tuple[str, i
     digest = hashlib.sha256()
     size = 0
     with target.open("wb") as file:
-        while chunk := stream.read(_CHUNK):
+        while chunk := stream.read(CHUNK_BYTES):
             size += len(chunk)
             # Checked per chunk, so an endless upload costs at most one chunk over the limit.
             if size > max_bytes:

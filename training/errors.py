@@ -1,61 +1,70 @@
-"""One error hierarchy for the training library.
+"""One error hierarchy for the training library, by meaning.
 
-Every error a user can cause (bad data, bad arguments, missing weights) is a
-`TrainingError`: callers (CLI, Celery task, HTTP layer) show its message as is and
-never a traceback. `status` is the HTTP status the service maps it to.
+Every error a user can cause (bad data, bad arguments, a missing model, missing weights) is
+a `TrainingError`: callers (CLI, Celery task, HTTP layer) show its message as is and never a
+traceback. The library knows no HTTP: the service maps these classes to statuses in one
+table (`service.errors.STATUSES`), so a class says what went wrong, never how to answer it.
 """
 
 
 class TrainingError(Exception):
     """An error caused by input or environment, with a message meant for the user."""
 
-    status = 400
-
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class ImageError(TrainingError):
-    """An image that cannot be decoded or is not allowed (format, size)."""
+class InvalidInput(TrainingError, ValueError):
+    """Input that breaks a rule: an image, archive, dataset, option, name or id.
 
-    status = 400
+    Also a ValueError, as Keras' argument checks raise, so callers that check arguments
+    with `except ValueError` keep working.
+    """
+
+
+class ImageError(InvalidInput):
+    """An image that cannot be decoded or is not allowed (format, size)."""
 
 
 class UnsupportedImageError(ImageError):
     """Bytes that are not one of the allowed image formats."""
 
-    status = 415
 
-
-class ArchiveError(TrainingError):
+class ArchiveError(InvalidInput):
     """A dataset archive that is unsafe, corrupt or over a limit."""
 
-    status = 400
 
-
-class DatasetError(TrainingError):
+class DatasetError(InvalidInput):
     """A dataset that cannot be trained on (too few classes or images)."""
 
-    status = 400
+
+class NotFound(TrainingError):
+    """Something named that does not exist."""
 
 
-class WeightsError(TrainingError):
-    """Backbone weights that cannot be found or loaded."""
-
-    status = 503
-
-
-class ModelNotFoundError(TrainingError):
+class ModelNotFoundError(NotFound):
     """A model or version that is not in the store."""
 
-    status = 404
+
+class DatasetNotFoundError(NotFound):
+    """A dataset id that is not in the store."""
 
 
-class StoreConflictError(TrainingError):
+class JobNotFoundError(NotFound):
+    """A job id that is not in the job store."""
+
+
+class Conflict(TrainingError):
+    """A change that conflicts with the current state."""
+
+
+class StoreConflictError(Conflict):
     """A store change that conflicts with its current state."""
 
-    status = 409
+
+class IdempotencyConflictError(StoreConflictError):
+    """An idempotency key already used for a job with another model, dataset or options."""
 
 
 class StoreFullError(TrainingError, OSError):
@@ -64,11 +73,38 @@ class StoreFullError(TrainingError, OSError):
     Still an OSError with the errno it came from, for callers that handle OS errors.
     """
 
-    status = 507
-
     def __init__(self, message: str, errno: int) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class WeightsError(TrainingError):
+    """Backbone weights that cannot be found or loaded."""
+
+
+class Unavailable(TrainingError):
+    """Something that cannot answer now but may soon; `retry_after` says in how many seconds to try again."""
+
+    retry_after = 5
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    """More work than this process takes now (a full prediction queue, every event-stream slot taken)."""
+
+    retry_after = 1
+
+
+class PredictTimeout(Unavailable):
+    """A prediction waited longer than PREDICT_TIMEOUT_S for its forward pass."""
+
+
+class ModelUnavailable(Unavailable):
+    """A model that cannot run now: its batching thread stopped, its forward pass hangs, or it keeps being unloaded."""
 
 
 class Cancelled(Exception):

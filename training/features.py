@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.images import preprocess_image
+from training.images import DEFAULT_MAX_PIXELS, preprocess_image
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress, raise_if_cancelled
 
 
@@ -55,10 +55,11 @@ class FeatureCache:
             raise
 
 
-def load_batch(paths: Sequence[Path], image_size: int, pool: ThreadPoolExecutor) -> np.ndarray:
+def load_batch(paths: Sequence[Path], image_size: int, pool: ThreadPoolExecutor,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read and preprocess image files into one batch, decoding in parallel."""
     def load(path: Path) -> np.ndarray:
-        return preprocess_image(Path(path).read_bytes(), image_size)
+        return preprocess_image(Path(path).read_bytes(), image_size, max_pixels)
 
     return np.stack(list(pool.map(load, paths)))
 

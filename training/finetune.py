@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from training.errors import InvalidInput
 from training.features import load_batch
 from training.head import balanced_class_weights, fit_with_hooks, make_optimizer, top_k_metric
 from training.progress import CancelFn, ProgressFn, never_cancel, no_progress
@@ -41,15 +42,15 @@ class FineTuneParams:
 
     def __post_init__(self) -> None:
         if not 1 <= self.unfreeze_blocks <= len(VGG19_BLOCKS):
-            raise ValueError(f"unfreeze_blocks must be 1 to 5, received: {self.unfreeze_blocks!r}")
+            raise InvalidInput(f"unfreeze_blocks must be 1 to 5, received: {self.unfreeze_blocks!r}")
         if self.freeze_first is not None and self.freeze_first < 0:
-            raise ValueError(f"freeze_first must be 0 or more, received: {self.freeze_first!r}")
+            raise InvalidInput(f"freeze_first must be 0 or more, received: {self.freeze_first!r}")
         if not 1 <= self.epochs <= 1000:
-            raise ValueError(f"fine_tune_epochs must be 1 to 1000, received: {self.epochs!r}")
+            raise InvalidInput(f"fine_tune_epochs must be 1 to 1000, received: {self.epochs!r}")
         if self.keep not in ("better", "always"):
-            raise ValueError(f"fine_tune_keep must be 'better' or 'always', received: {self.keep!r}")
+            raise InvalidInput(f"fine_tune_keep must be 'better' or 'always', received: {self.keep!r}")
         if not 0 < self.learning_rate <= 1:
-            raise ValueError(f"fine_tune_learning_rate must be in (0, 1], received: {self.learning_rate!r}")
+            raise InvalidInput(f"fine_tune_learning_rate must be in (0, 1], received: {self.learning_rate!r}")
 
 
 class ImageBatches(keras.utils.PyDataset):

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from training.errors import Cancelled
+from training.errors import Cancelled, InvalidInput
 from training.evaluate import summary_scores, top_k_for
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress
 
@@ -43,7 +43,7 @@ class HeadParams:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, received: {self.optimizer!r}")
+            raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}, received: {self.optimizer!r}")
         checks = {
             "hidden_units": self.hidden_units >= 0,
             "dropout": 0 <= self.dropout < 1,
@@ -56,7 +56,7 @@ class HeadParams:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"{name} is out of range, received: {getattr(self, name)!r}")
+                raise InvalidInput(f"{name} is out of range, received: {getattr(self, name)!r}")
 
     @property
     def effective_learning_rate(self) -> float:
@@ -77,7 +77,7 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9, clipn
         return keras.optimizers.Adagrad(learning_rate, **clip)
     if name == "adam":
         return keras.optimizers.Adam(learning_rate, **clip)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, received: {name!r}")
+    raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}, received: {name!r}")
 
 
 def build_head(feature_dim: int, n_classes: int, params: HeadParams, train_features: np.ndarray) -> keras.Model:

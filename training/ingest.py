@@ -27,13 +27,14 @@ import re
 import shutil
 import stat
 import tarfile
+import tempfile
 import unicodedata
 import zipfile
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,7 +46,8 @@ from training.images import decode_image
 if TYPE_CHECKING:
     from training.settings import Settings
 
-_CHUNK = 2**20
+# Bytes read at a time from an upload or archive member (also the dataset store's copy loop).
+CHUNK_BYTES = 2**20
 # Small files legitimately compress far beyond any sane ratio (blank images, text);
 # a bomb only matters once it has produced real volume.
 _RATIO_FLOOR = 2**20
@@ -138,6 +140,19 @@ class Dataset:
                 "duplicates": [dict(d) for d in self.duplicates],
                 "conflicts": [{**c, "paths": list(c["paths"]), "labels": list(c["labels"])} for c in self.conflicts],
                 "warnings": list(self.warnings)}
+
+
+@contextmanager
+def work_folder(data_dir: str | Path, prefix: str) -> Iterator[str]:
+    """A new temporary folder under DATA_DIR/tmp, removed with what it holds on exit.
+
+    Under DATA_DIR rather than /tmp: unpacked datasets can be large, and DATA_DIR is the
+    disk sized for them.
+    """
+    root = Path(data_dir) / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=prefix) as folder:
+        yield folder
 
 
 def ingest(source: str | Path, workdir: str | Path | None = None, limits: IngestLimits = IngestLimits()) -> Dataset:
@@ -337,7 +352,7 @@ def _limited_reader(plain: IO[bytes], archive_size: int, limits: IngestLimits) -
     def read(size: int = -1) -> bytes:
         nonlocal produced
         # Bounded reads: tarfile asks for a whole pax header at once, which could be gigabytes.
-        data = plain.read(_CHUNK if size is None or size < 0 else min(size, _CHUNK))
+        data = plain.read(CHUNK_BYTES if size is None or size < 0 else min(size, CHUNK_BYTES))
         produced += len(data)
         _check_volume(produced, archive_size, limits)
         return data
@@ -437,7 +452,7 @@ def _write_new_file(target: Path, source: IO[bytes], check: Callable[[int], None
     produced = 0
     try:
         with os.fdopen(fd, "wb") as out:
-            while chunk := source.read(_CHUNK):
+            while chunk := source.read(CHUNK_BYTES):
                 produced += len(chunk)
                 check(produced)
                 out.write(chunk)
@@ -603,7 +618,7 @@ def _check_files(paths: list[Path], limits: IngestLimits) -> list[tuple[str, str
 def _check_file(path: Path, limits: IngestLimits) -> tuple[str, str | None]:
     """Read and fully decode one file; return its sha256 and why it is unusable (None when usable)."""
     # Generous for any real image of the allowed size; keeps threads from reading huge files into memory.
-    max_bytes = limits.max_image_pixels * 8 + _CHUNK
+    max_bytes = limits.max_image_pixels * 8 + CHUNK_BYTES
     try:
         size = path.stat().st_size
         if size > max_bytes:

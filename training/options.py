@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from training.errors import InvalidInput
 from training.finetune import FineTuneParams
 from training.head import HeadParams
 from training.pipeline import TrainParams
@@ -43,7 +44,7 @@ OPTIONS: dict[str, tuple[type, str, str]] = {
 
 
 def _coerce(name: str, kind: type, value):
-    """Convert one option value to its type, or raise ValueError naming it."""
+    """Convert one option value to its type, or raise InvalidInput naming it."""
     if isinstance(value, str):
         text = value.strip()
         if kind is bool:
@@ -60,14 +61,14 @@ def _coerce(name: str, kind: type, value):
         return float(value)
     elif kind is not bool and isinstance(value, kind) and not isinstance(value, bool):
         return value
-    raise ValueError(f"{name} must be a {'boolean' if kind is bool else kind.__name__}, received: {value!r}")
+    raise InvalidInput(f"{name} must be a {'boolean' if kind is bool else kind.__name__}, received: {value!r}")
 
 
 def normalize_options(options: Mapping) -> dict:
     """Known option names with typed values (form strings converted); None values dropped."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+        raise InvalidInput(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
     return {name: _coerce(name, OPTIONS[name][0], value) for name, value in options.items() if value is not None}
 
 
@@ -82,7 +83,7 @@ def parse_options(options: Mapping) -> TrainParams:
         else:
             groups[group][field] = value
     if groups["fine_tune"] and not fine_tune:
-        raise ValueError(f"{', '.join(groups['fine_tune'])} need fine_tune to be on")
+        raise InvalidInput(f"{', '.join(groups['fine_tune'])} need fine_tune to be on")
     return TrainParams(head=HeadParams(**groups["head"]),
                        fine_tune=FineTuneParams(**groups["fine_tune"]) if fine_tune else None,
                        **groups["train"])

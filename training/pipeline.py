@@ -10,19 +10,20 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from training.backbone import BackboneSpec, backbone_id, effective_precision, shared_backbone, weights_id
+from training.errors import InvalidInput
 from training.evaluate import evaluate, summary_scores
 from training.features import FeatureCache, extract_features
-from training.finetune import FineTuneParams, ImageBatches, fine_tune
-from training.head import HeadParams, head_probabilities, train_head
+from training.finetune import FineTuneParams, fine_tune
+from training.head import HeadParams, train_head
 from training.images import PREPROCESSING
-from training.ingest import Dataset, IngestLimits, ingest
+from training.ingest import Dataset, IngestLimits, ingest, work_folder
+from training.predict import LoadedModel, file_probabilities
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress, raise_if_cancelled
 from training.settings import Settings
 from training.store import PUBLISH_POLICIES, ModelStore, validate_name
@@ -43,11 +44,11 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.val_split <= 0.5:
-            raise ValueError(f"val_split must be from 0.05 to 0.5, received: {self.val_split!r}")
+            raise InvalidInput(f"val_split must be from 0.05 to 0.5, received: {self.val_split!r}")
         if self.publish not in PUBLISH_POLICIES:
-            raise ValueError(f"publish must be one of {PUBLISH_POLICIES}, received: {self.publish!r}")
+            raise InvalidInput(f"publish must be one of {PUBLISH_POLICIES}, received: {self.publish!r}")
         if not 1 <= self.feature_batch_size <= 1024:
-            raise ValueError(f"feature_batch_size must be 1 to 1024, received: {self.feature_batch_size!r}")
+            raise InvalidInput(f"feature_batch_size must be 1 to 1024, received: {self.feature_batch_size!r}")
 
 
 @dataclasses.dataclass
@@ -126,9 +127,7 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
         timings[phase] = round(now - clock, 3)
         clock = now
 
-    tmp_root = settings.data_dir / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmp_root, prefix="ingest-") as workdir:
+    with work_folder(settings.data_dir, "ingest-") as workdir:
         progress(Progress("unpack", 0, 1))
         dataset = ingest(source, workdir, IngestLimits.from_settings(settings))
         progress(Progress("unpack", 1, 1))
@@ -157,16 +156,17 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
 
         model, kind, fine_tune_history, unfrozen, fine_tune_report = head, "head", {}, [], None
         paths = [item.path for item in dataset.items]
-        probabilities = head_probabilities(head, features[val_idx])
+        # Validation is scored by the method that serves the version, so its recorded metrics are what it answers.
+        probabilities = LoadedModel.unsaved(name, "head", classes, spec.image_size, head).probabilities(
+            features=features[val_idx])
         if params.fine_tune:
             tuned, fine_tune_history, unfrozen = fine_tune(
                 get_backbone().model, head, spec.image_size, len(classes),
                 ([paths[i] for i in train_idx], labels[train_idx]), ([paths[i] for i in val_idx], labels[val_idx]),
                 params.fine_tune, progress, cancel, workdir)
             lap("fine-tune")
-            val_batches = ImageBatches([paths[i] for i in val_idx], labels[val_idx], spec.image_size,
-                                       params.fine_tune.batch_size, shuffle=False)
-            tuned_probabilities = tuned.predict(val_batches, verbose=0)
+            tuned_probabilities = file_probabilities(LoadedModel.unsaved(name, "full", classes, spec.image_size, tuned),
+                                                     [paths[i] for i in val_idx])
             head_accuracy = summary_scores(probabilities, labels[val_idx])["accuracy"]
             tuned_accuracy = summary_scores(tuned_probabilities, labels[val_idx])["accuracy"]
             # Fine-tuning can overfit a small dataset; keep whichever validates better

@@ -1,23 +1,30 @@
-"""Offline prediction with a stored model version, shared by the CLI and the service."""
+"""The one inference path: a stored (or just trained) model version turns pixels into class probabilities.
+
+Training's validation scoring, `python -m training predict|evaluate` and the service all call
+`LoadedModel.probabilities`, so a version's recorded metrics come from the very code that serves it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from training.backbone import BackboneSpec, backbone_id, effective_precision, shared_backbone, weights_id
-from training.errors import TrainingError, WeightsError
+from training.errors import DatasetError, WeightsError
 from training.evaluate import evaluate
-from training.features import FeatureCache, extract_features
-from training.finetune import ImageBatches
-from training.images import preprocess_image
-from training.ingest import IngestLimits, ingest
+from training.features import FeatureCache, extract_features, load_batch
+from training.head import head_probabilities
+from training.images import DEFAULT_MAX_PIXELS
+from training.ingest import IngestLimits, ingest, work_folder
 from training.settings import Settings
 from training.store import ModelStore
+
+# Rows in, outputs out: a backbone's features (head-only versions) or a whole model's probabilities.
+Forward = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass
@@ -31,20 +38,45 @@ class LoadedModel:
     metadata: dict
     keras_model: object
 
+    @classmethod
+    def unsaved(cls, name: str, kind: str, classes: list[str], image_size: int, keras_model) -> LoadedModel:
+        """A model still in training's memory (version 0), scored through the same method as a stored one."""
+        return cls(name=name, version=0, kind=kind, classes=classes,
+                   metadata={"backbone": {"image_size": image_size}}, keras_model=keras_model)
+
     @property
     def image_size(self) -> int:
         """Input size in pixels."""
         return int(self.metadata["backbone"]["image_size"])
 
-    def predict_features(self, features: np.ndarray) -> np.ndarray:
-        """Class probabilities from backbone features (head-only models)."""
-        return np.asarray(self.keras_model.predict_on_batch(features), dtype=np.float64)
+    def probabilities(self, pixels: np.ndarray | None = None, *, features: np.ndarray | None = None,
+                      forward: Forward | None = None) -> np.ndarray:
+        """Class probabilities of preprocessed `pixels` (or, for a head-only version, of their backbone `features`).
 
-    def predict_pixels(self, pixels: np.ndarray, backbone=None) -> np.ndarray:
-        """Class probabilities from preprocessed pixels."""
+        `forward` runs the pixels through the backbone (head-only versions; required with pixels) or
+        through the whole model (fine-tuned; default: one plain `predict_on_batch`). The service passes
+        its micro-batched forward, everything else the plain one.
+        """
         if self.kind == "full":
-            return np.asarray(self.keras_model.predict_on_batch(pixels), dtype=np.float64)
-        return self.predict_features(backbone.features(pixels))
+            if pixels is None:
+                raise ValueError(f"pixels: a fine-tuned version scores images, received: {pixels!r}")
+            return np.asarray((forward or self.keras_model.predict_on_batch)(pixels), np.float64)
+        if features is None:
+            if pixels is None or forward is None:
+                raise ValueError("a head-only version needs features, or pixels and the backbone forward; "
+                                 f"received: pixels {type(pixels).__name__}, forward {forward!r}")
+            features = forward(pixels)
+        return np.asarray(head_probabilities(self.keras_model, features), np.float64)
+
+
+def file_probabilities(model: LoadedModel, paths: Sequence[str | Path], forward: Forward | None = None,
+                       batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Class probabilities of image files, `batch_size` images decoded at a time so memory stays bounded."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parts = [model.probabilities(load_batch(paths[start:start + batch_size], model.image_size, pool, max_pixels),
+                                     forward=forward)
+                 for start in range(0, len(paths), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, len(model.classes)))
 
 
 def load_version(store: ModelStore, name: str, version: int | None = None) -> LoadedModel:
@@ -88,10 +120,9 @@ def backbone_spec(model: LoadedModel, settings: Settings) -> BackboneSpec:
     return spec
 
 
-def backbone_for(model: LoadedModel, settings: Settings, precision: str | None = None):
-    """The process's shared backbone for a head-only version, in `precision` (default: `serving_precision`)."""
-    spec = backbone_spec(model, settings)
-    return shared_backbone(spec, settings.keras_home, precision or serving_precision(model, settings))
+def backbone_for(model: LoadedModel, settings: Settings):
+    """The process's shared backbone for a head-only version, in its `serving_precision`."""
+    return shared_backbone(backbone_spec(model, settings), settings.keras_home, serving_precision(model, settings))
 
 
 def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict]:
@@ -109,34 +140,27 @@ def predict_files(settings: Settings, name: str, paths: Sequence[str | Path], ve
                   top_k: int = 3, batch_size: int = 32) -> tuple[LoadedModel, list[dict]]:
     """Predict image files with a stored model; answers are in input order."""
     model = load_version(ModelStore(settings.model_dir), name, version)
-    backbone = backbone_for(model, settings) if model.kind == "head" else None
-    answers = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        pixels = np.stack([preprocess_image(Path(p).read_bytes(), model.image_size, settings.max_image_pixels)
-                           for p in chunk])
-        answers.extend(top_k_labels(model.predict_pixels(pixels, backbone), model.classes, top_k))
-    return model, answers
+    forward = backbone_for(model, settings).features if model.kind == "head" else None
+    probabilities = file_probabilities(model, paths, forward, batch_size, settings.max_image_pixels)
+    return model, top_k_labels(probabilities, model.classes, top_k)
 
 
 def evaluate_dataset(settings: Settings, name: str, source: str | Path, version: int | None = None) -> dict:
     """Score a stored model on a labeled dataset (folder or archive); return the metrics."""
     model = load_version(ModelStore(settings.model_dir), name, version)
     limits = dataclasses.replace(IngestLimits.from_settings(settings), min_images_per_class=1)
-    tmp_root = settings.data_dir / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmp_root, prefix="evaluate-") as workdir:
+    with work_folder(settings.data_dir, "evaluate-") as workdir:
         dataset = ingest(source, workdir, limits)
         unknown = sorted(set(dataset.classes) - set(model.classes))
         if unknown:
-            raise TrainingError(f"classes not known to {name!r} v{model.version}: {', '.join(unknown)}")
+            raise DatasetError(f"classes not known to {name!r} v{model.version}: {', '.join(unknown)}")
         labels = np.array([model.classes.index(item.label) for item in dataset.items])
         if model.kind == "head":
+            # Through the feature cache: the features training computed for these images, if it did.
             backbone = backbone_for(model, settings)
             cache = FeatureCache(settings.feature_cache_dir, backbone.id, backbone.spec.feature_dim)
             features, _ = extract_features(dataset.items, cache, lambda: backbone, model.image_size)
-            probabilities = model.predict_features(features)
+            probabilities = model.probabilities(features=features)
         else:
-            batches = ImageBatches([item.path for item in dataset.items], labels, model.image_size, 32, shuffle=False)
-            probabilities = model.keras_model.predict(batches, verbose=0)
+            probabilities = file_probabilities(model, [item.path for item in dataset.items])
     return evaluate(probabilities, labels, model.classes)

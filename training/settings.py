@@ -64,6 +64,14 @@ class Settings:
     job_stale_seconds: float = 90.0
     # A running job still going this long after its cancel request is killed by the reconciler.
     job_cancel_grace_seconds: float = 60.0
+    # Job event streams (server-sent events): each open one holds a server thread, so a process serves
+    # at most EVENT_STREAMS at once (None: THREADS // 2); a stream reads its job every EVENTS_POLL_S,
+    # says it is alive every EVENTS_KEEPALIVE_S when idle, and ends after EVENTS_LIFETIME_S (a
+    # forgotten client must not hold a thread forever).
+    event_streams: int | None = None
+    events_poll_s: float = 0.5
+    events_keepalive_s: float = 15.0
+    events_lifetime_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if not 0 < self.job_heartbeat_seconds < self.job_stale_seconds:
@@ -77,6 +85,11 @@ class Settings:
             raise ValueError(f"SERVE_PRECISION must be one of {SERVE_PRECISIONS}, received: {self.serve_precision!r}")
         if not self.predict_timeout_s > 0:
             raise ValueError(f"PREDICT_TIMEOUT_S must be above 0, received: {self.predict_timeout_s}")
+        for name in ("events_poll_s", "events_keepalive_s", "events_lifetime_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.upper()} must be above 0, received: {getattr(self, name)}")
+        if self.event_streams is not None and self.event_streams < 1:
+            raise ValueError(f"EVENT_STREAMS must be at least 1, received: {self.event_streams}")
         for name in ("max_upload_mb", "max_predict_mb", "max_batch_pixels", "max_model_memory_mb",
                      "max_archive_entries", "max_archive_mb",
                      "max_compression_ratio", "max_image_pixels", "min_images_per_class", "port",
@@ -145,6 +158,10 @@ class Settings:
             job_heartbeat_seconds=number("JOB_HEARTBEAT_SECONDS", defaults.job_heartbeat_seconds, float),
             job_stale_seconds=number("JOB_STALE_SECONDS", defaults.job_stale_seconds, float),
             job_cancel_grace_seconds=number("JOB_CANCEL_GRACE_SECONDS", defaults.job_cancel_grace_seconds, float),
+            event_streams=number("EVENT_STREAMS", defaults.event_streams),
+            events_poll_s=number("EVENTS_POLL_S", defaults.events_poll_s, float),
+            events_keepalive_s=number("EVENTS_KEEPALIVE_S", defaults.events_keepalive_s, float),
+            events_lifetime_s=number("EVENTS_LIFETIME_S", defaults.events_lifetime_s, float),
         )
 
 

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from training.errors import ModelNotFoundError, StoreConflictError, StoreFullError
+from training.errors import InvalidInput, ModelNotFoundError, StoreConflictError, StoreFullError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODEL_FILES = {"head": "head.keras", "full": "model.keras"}
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 def validate_name(name: str) -> str:
     """Check a model name: letters, digits, '.', '_' and '-', 1 to 64 characters."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
-        raise ValueError(
+        raise InvalidInput(
             f"model name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit; "
             f"received: {name!r}"
         )

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from flask import current_app, request, url_for
 
+from service.api import Blueprint
 from service.api.schemas import DatasetListSchema, DatasetSchema, ErrorSchema
 from service.auth import TRAIN, role
 from service.errors import ServiceError
-from service.jobs_ext import get_datasets
-from service.openapi import Blueprint
+from service.extensions import get_datasets
+from service.inputs import MULTIPART
 from training.ingest import IngestLimits
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets", description="Uploaded training datasets")
 
 FILE_FIELD = "file"
-MULTIPART = "multipart/form-data"
 ARCHIVE_BODY = {
     "required": True,
     "description": f"A .zip or .tar.gz of one folder per class, as the multipart file part `{FILE_FIELD}`.",
@@ -23,16 +23,6 @@ ARCHIVE_BODY = {
         "properties": {FILE_FIELD: {"type": "string", "format": "binary"}},
     }}},
 }
-
-
-def checked_id(text: str) -> str:
-    """Check a dataset id; a malformed one is a 400 naming the rule."""
-    from training.datasets import validate_id
-
-    try:
-        return validate_id(text)
-    except ValueError as exc:
-        raise ServiceError(str(exc)) from None
 
 
 def with_url(record: dict) -> dict:
@@ -49,7 +39,7 @@ def upload_archive() -> dict:
     if part is None:
         raise ServiceError(f"no archive: send a .zip or .tar.gz as the multipart file field '{FILE_FIELD}'")
     settings = current_app.config["SETTINGS"]
-    # ArchiveError / DatasetError are TrainingErrors with status 400: service.errors answers them.
+    # ArchiveError / DatasetError are InvalidInput: service.errors answers them with a 400.
     return get_datasets().add_archive(part.stream, IngestLimits.from_settings(settings),
                                       settings.max_upload_mb * 2**20, part.filename)
 
@@ -84,4 +74,4 @@ def list_datasets():
 @bp.alt_response(404, schema=ErrorSchema, description="No such dataset")
 def describe(dataset_id: str):
     """Describe one dataset: classes and counts, skipped files, duplicates, warnings."""
-    return with_url(get_datasets().get(checked_id(dataset_id)))
+    return with_url(get_datasets().get(dataset_id))  # a malformed id is InvalidInput: a 400

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from flask import current_app
 
+from service.api import Blueprint
 from service.api.schemas import HealthSchema, ReadinessSchema
 from service.auth import PUBLIC, role
-from service.openapi import Blueprint
-from service.runtime_ext import get_runtime
+from service.extensions import get_runtime
 
 bp = Blueprint("health", __name__, description="Liveness and readiness")
 logger = logging.getLogger(__name__)

@@ -10,23 +10,21 @@ from collections.abc import Callable, Iterator
 
 from flask import Response, current_app, request, url_for
 
-from service.api.datasets import ARCHIVE_BODY, FILE_FIELD, MULTIPART, checked_id, upload_archive, with_url
+from service.api import Blueprint
+from service.api.datasets import ARCHIVE_BODY, FILE_FIELD, upload_archive, with_url
 from service.api.schemas import ErrorSchema, JobEnvelopeSchema, JobListQuerySchema, JobListSchema, JobSchema
 from service.auth import TRAIN, role
-from service.errors import Overloaded, ServiceError
-from service.inputs import model_name
-from service.jobs_ext import get_celery, get_datasets, get_jobs
-from service.openapi import Blueprint
-from training.jobs import FINAL_STATUSES, QUEUED, JobNotFoundError, JobStore, check_idempotency_key
+from service.errors import ServiceError
+from service.extensions import get_celery, get_datasets, get_jobs
+from service.inputs import MULTIPART
+from training.errors import JobNotFoundError, Overloaded
+from training.jobs.records import FINAL_STATUSES, QUEUED, JobStore, check_idempotency_key
+from training.settings import Settings
+from training.store import validate_name
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1", description="Training jobs")
 logger = logging.getLogger(__name__)
 
-# Server-sent events: how often the job is read, how often an idle stream says it is alive,
-# and how long one stream may last (a forgotten client must not hold a server thread forever).
-EVENTS_POLL_S = 0.5
-EVENTS_KEEPALIVE_S = 15.0
-EVENTS_LIFETIME_S = 3600.0
 BROKER_RETRY_AFTER_S = 30
 HIDDEN = ("worker",)  # host names and process ids of the training machines stay private
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -87,26 +85,18 @@ def train_request() -> tuple[str | None, dict, bool]:
 
 
 def idempotency_key() -> str | None:
-    """The request's Idempotency-Key header, checked; None when it has none."""
+    """The request's Idempotency-Key header, checked (a malformed one is InvalidInput: a 400); None when it has none."""
     key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is None:
-        return None
-    try:
-        return check_idempotency_key(key)
-    except ValueError as exc:
-        raise ServiceError(str(exc)) from None
+    return None if key is None else check_idempotency_key(key)
 
 
 def check_options(options: dict) -> dict:
-    """Return the options with typed values, or refuse unknown options and bad values with a 400 naming them."""
+    """Return the options with typed values; unknown options and bad values are InvalidInput (a 400 naming them)."""
     # training.options imports the pipeline and with it Keras: only when a job is started.
     from training.options import normalize_options, parse_options
 
-    try:
-        parse_options(options)
-        return normalize_options(options)
-    except (ValueError, TypeError) as exc:
-        raise ServiceError(str(exc)) from None
+    parse_options(options)
+    return normalize_options(options)
 
 
 @bp.route("/models/<name>/train", methods=["POST"])
@@ -123,7 +113,7 @@ def check_options(options: dict) -> dict:
                                                       "the same Idempotency-Key: no second job is recorded)")
 def train(name: str):
     """Train a new version of a model on a dataset, as a queued job (once per Idempotency-Key)."""
-    name = model_name(name)
+    name = validate_name(name)
     key = idempotency_key()
     dataset_id, options, _ = train_request()
     options = check_options(options)  # Every cheap check before an upload is unpacked or a job is recorded.
@@ -132,7 +122,7 @@ def train(name: str):
         uploaded = with_url(upload_archive())
         dataset_id = uploaded["id"]
     else:
-        get_datasets().get(checked_id(dataset_id))  # 404 for an unknown dataset
+        get_datasets().get(dataset_id)  # 404 for an unknown dataset, 400 for a malformed id
     # With a key already used: that key's job (409 when it was for another model, dataset or options).
     job = get_jobs().create(name, dataset_id, options, idempotency_key=key)
     url = job_url(job["id"])
@@ -149,7 +139,7 @@ def train(name: str):
 def send(job: dict, url: str, key: str | None) -> None:
     """Send a queued job to the training queue; 503 with Retry-After when the broker is unavailable."""
     try:
-        from training.tasks import enqueue
+        from training.jobs.app import enqueue
 
         enqueue(get_celery(), job["id"])
     except Exception as exc:  # The broker is down or unreachable: the job is recorded, its message is not.
@@ -169,7 +159,7 @@ def send(job: dict, url: str, key: str | None) -> None:
 @bp.response(200, JobListSchema)
 def list_jobs(limit: int, status: str | None = None):
     """List training jobs, newest first."""
-    return {"jobs": [public(job) for job in get_jobs().list(limit=limit, status=status)]}
+    return {"jobs": [public(job) for job in get_jobs().recent(limit=limit, status=status)]}
 
 
 @bp.route("/jobs/<job_id>", methods=["GET"])
@@ -190,8 +180,8 @@ def cancel(job_id: str):
     return public(get_jobs().request_cancel(job_id))
 
 
-def job_events(jobs: JobStore, job_id: str, url: str, *, poll_s: float = EVENTS_POLL_S,
-               keepalive_s: float = EVENTS_KEEPALIVE_S, lifetime_s: float = EVENTS_LIFETIME_S,
+def job_events(jobs: JobStore, job_id: str, url: str, *, poll_s: float = Settings.events_poll_s,
+               keepalive_s: float = Settings.events_keepalive_s, lifetime_s: float = Settings.events_lifetime_s,
                clock: Callable[[], float] = time.monotonic,
                sleep: Callable[[float], None] = time.sleep) -> Iterator[str]:
     """Server-sent events: `event: job` on every change, keep-alive comments, end after a final state."""
@@ -221,10 +211,11 @@ def job_events(jobs: JobStore, job_id: str, url: str, *, poll_s: float = EVENTS_
 
 def stream_slots() -> threading.BoundedSemaphore:
     """This process's event-stream slots: each open stream holds a server thread, so at most half of
-    them (EVENT_STREAMS config, else THREADS // 2) may stream, and predictions always find a thread."""
+    them (EVENT_STREAMS, else THREADS // 2) may stream, and predictions always find a thread."""
     extensions = current_app.extensions
     if "event_streams" not in extensions:
-        limit = current_app.config.get("EVENT_STREAMS") or max(1, current_app.config["SETTINGS"].threads // 2)
+        settings = current_app.config["SETTINGS"]
+        limit = settings.event_streams or max(1, settings.threads // 2)
         extensions["event_streams"] = threading.BoundedSemaphore(limit)
     return extensions["event_streams"]
 
@@ -241,12 +232,10 @@ def events(job_id: str):
     jobs.get(job_id)  # 404 now, before the stream starts
     slots = stream_slots()
     if not slots.acquire(blocking=False):
-        raise Overloaded("too many open event streams on this server; poll GET /v1/jobs/{id} instead", 5)
-    config = current_app.config
-    stream = job_events(jobs, job_id, job_url(job_id),
-                        poll_s=config.get("EVENTS_POLL_S", EVENTS_POLL_S),
-                        keepalive_s=config.get("EVENTS_KEEPALIVE_S", EVENTS_KEEPALIVE_S),
-                        lifetime_s=config.get("EVENTS_LIFETIME_S", EVENTS_LIFETIME_S))
+        raise Overloaded("too many open event streams on this server; poll GET /v1/jobs/{id} instead", retry_after=5)
+    settings = current_app.config["SETTINGS"]
+    stream = job_events(jobs, job_id, job_url(job_id), poll_s=settings.events_poll_s,
+                        keepalive_s=settings.events_keepalive_s, lifetime_s=settings.events_lifetime_s)
     # Proxies (nginx) must pass each event on at once rather than buffer the stream.
     response = Response(stream, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -6,13 +6,12 @@ from pathlib import Path
 
 from flask import send_from_directory, url_for
 
+from service.api import Blueprint
 from service.api.schemas import ErrorSchema, ModelListSchema, ModelSchema, PublishedSchema, PublishSchema
 from service.auth import PREDICT, TRAIN, role
-from service.errors import ServiceError
-from service.inputs import model_name
-from service.openapi import Blueprint
-from service.runtime_ext import get_store
-from training.errors import ModelNotFoundError
+from service.extensions import get_store
+from training.errors import ModelNotFoundError, NotFound
+from training.store import validate_name
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models", description="Stored models and their versions")
 
@@ -65,7 +64,7 @@ def list_models():
 @bp.alt_response(404, schema=ErrorSchema, description="No such model")
 def describe(name: str):
     """Describe one model: every version's metrics, classes, params and plot URLs."""
-    model = get_store().describe(model_name(name))
+    model = get_store().describe(validate_name(name))
     for version in model["versions"]:
         version["plots"] = {file: url_for("models.plot", name=name, version=version["version"], filename=file)
                             for file in plot_files(name, version["version"])}
@@ -78,8 +77,8 @@ def describe(name: str):
 @bp.alt_response(404, schema=ErrorSchema, description="No such model, version or plot")
 def plot(name: str, version: int, filename: str):
     """Serve one plot (training curves, confusion matrix) of a version."""
-    if filename not in plot_files(model_name(name), version):  # Only files listed there: no path tricks.
-        raise ServiceError(f"version {version} of {name!r} has no plot {filename!r}", 404)
+    if filename not in plot_files(validate_name(name), version):  # Only files listed there: no path tricks.
+        raise NotFound(f"version {version} of {name!r} has no plot {filename!r}")
     return send_from_directory(plots_dir(name, version), filename, mimetype="image/png", max_age=300)
 
 
@@ -91,7 +90,7 @@ def plot(name: str, version: int, filename: str):
 def publish(body: dict, name: str):
     """Publish a version, or roll back to an earlier one, atomically."""
     store = get_store()
-    store.resolve_version(model_name(name), body["version"])  # 404 before the store's lock makes any folder.
+    store.resolve_version(validate_name(name), body["version"])  # 404 before the store's lock makes any folder.
     store.publish(name, body["version"])
     return {"name": name, "published": body["version"]}
 
@@ -104,6 +103,6 @@ def publish(body: dict, name: str):
 def delete_version(name: str, version: int):
     """Delete a version that is not the published one."""
     store = get_store()
-    store.resolve_version(model_name(name), version)  # 404 before the store's lock makes any folder.
+    store.resolve_version(validate_name(name), version)  # 404 before the store's lock makes any folder.
     store.delete_version(name, version)
     return None

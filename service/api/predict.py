@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import current_app, request
 
+from service.api import Blueprint
 from service.api.schemas import (
     ErrorSchema,
-    InstancesSchema,
     PredictionsSchema,
     PredictManyQuerySchema,
     PredictManySchema,
@@ -14,9 +14,9 @@ from service.api.schemas import (
 )
 from service.auth import PREDICT, role
 from service.errors import ServiceError, limit_body
-from service.inputs import FIELD, model_name, read_images
-from service.openapi import Blueprint
-from service.runtime_ext import get_runtime
+from service.extensions import get_runtime
+from service.inputs import FIELD, InstancesSchema, read_images
+from training.store import validate_name
 
 bp = Blueprint("predict", __name__, url_prefix="/v1", description="Classify images")
 
@@ -57,7 +57,7 @@ def request_images() -> list[bytes]:
 
 def model_names(text: str) -> list[str]:
     """Comma-separated model names, checked, in order, without repeats."""
-    names = list(dict.fromkeys(model_name(part.strip()) for part in text.split(",") if part.strip()))
+    names = list(dict.fromkeys(validate_name(part.strip()) for part in text.split(",") if part.strip()))
     limit = current_app.config["MAX_MODELS_PER_REQUEST"]
     if not names:
         raise ServiceError("models: name at least one model, e.g. ?models=parts,defects")
@@ -74,7 +74,7 @@ def model_names(text: str) -> list[str]:
 @document_errors
 def predict(name: str, top_k: int, version: int | None = None):
     """Classify images with one model (its published version unless `version` is given)."""
-    name, images = model_name(name), request_images()  # Bad input is answered before the runtime is built.
+    name, images = validate_name(name), request_images()  # Bad input is answered before the runtime is built.
     return get_runtime().predict(name, images, version=version, top_k=top_k)
 
 

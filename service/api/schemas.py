@@ -93,16 +93,6 @@ class PredictManyQuerySchema(Schema):
     top_k = fields.Integer(load_default=3, validate=validate.Range(min=1, max=MAX_TOP_K))
 
 
-class InstanceSchema(Schema):
-    b64 = fields.String(required=True, metadata={"description": "the image file's bytes, base64-encoded"})
-
-
-class InstancesSchema(Schema):
-    """JSON predict body: `{"instances": [{"b64": "..."}]}`."""
-
-    instances = fields.List(fields.Nested(InstanceSchema), required=True)
-
-
 class LabelSchema(Schema):
     label = fields.String(required=True)
     probability = fields.Float(required=True)

@@ -96,7 +96,7 @@ def test_worker_reserves_one_nvidia_gpu_and_scales(tmp_path):
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     # Scalable: no fixed container name, no published port.
     assert "container_name" not in worker and not worker.get("ports")
-    assert worker["command"][:4] == ["celery", "-A", "training.tasks", "worker"]
+    assert worker["command"][:4] == ["celery", "-A", "training.jobs.worker", "worker"]
     assert worker["command"][worker["command"].index("--concurrency") + 1] == "1"
 
 

@@ -20,9 +20,7 @@ import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from bench.reliability import record
-from service import create_app
-from service.jobs_ext import close_jobs
-from service.runtime_ext import close_runtime
+from service import create_app, extensions
 from tests.hardening import corpus
 from training.ingest import IngestLimits
 from training.options import parse_options
@@ -177,5 +175,4 @@ def app(sentinel):
     """The service in-process, with both keys, small limits and the embedded broker under its data folder."""
     app = create_app({"SETTINGS": sentinel.settings, "TESTING": True})
     yield app
-    close_jobs(app)
-    close_runtime(app)
+    extensions.close(app)

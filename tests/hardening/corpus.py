@@ -593,7 +593,7 @@ def request_cases() -> list[Case]:
         case("predict-json-array", Request("POST", PREDICT, b"[1, 2]", "application/json"), 400, "object"),
         case("predict-bad-base64", Request("POST", PREDICT, b'{"instances": [{"b64": "not base64!"}]}',
                                            "application/json"), 400, "instances[0].b64"),
-        # Nested deeper than Python's parser recurses: was a 500 (RecursionError) before service.JSONProvider.
+        # Nested deeper than Python's parser recurses: was a 500 (RecursionError) before service.api.JSONProvider.
         case("predict-deep-json", Request("POST", PREDICT, deep, "application/json"), 400, "not valid JSON"),
         case("train-deep-json", Request("POST", f"/v1/models/{MODEL}/train", deep, "application/json"), 400,
              "JSON object"),

@@ -23,9 +23,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from service import create_app
-from service.jobs_ext import close_jobs
-from service.runtime_ext import close_runtime
+from service import create_app, extensions
 from tests.hardening import corpus
 from tests.hardening.conftest import hardened_settings
 
@@ -43,8 +41,7 @@ def served_store(trained_models):
     shutil.copytree(trained_models, SETTINGS.model_dir, dirs_exist_ok=True)
     SETTINGS.data_dir.mkdir(parents=True, exist_ok=True)
     yield
-    close_jobs(APP)
-    close_runtime(APP)
+    extensions.close(APP)
     shutil.rmtree(FOLDER, ignore_errors=True)
 
 

@@ -24,7 +24,7 @@ from bench.reliability import record
 from tests.live import GUNICORN, ROOT, flush_redis, free_port, postgres_schema, server_env, wait_healthy
 from tests.service.conftest import digit_pngs, trained_settings  # noqa: F401  (fixtures used here)
 from tests.service.test_faults import Api as FaultsApi
-from tests.training.test_tasks import start_worker, stop_worker, worker_env
+from tests.training.jobs.helpers import start_worker, stop_worker, worker_env
 from training.settings import Settings
 
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -94,7 +94,7 @@ class RedisServer:
         """Messages the broker holds for the training queue: waiting, plus delivered and not yet acknowledged."""
         import redis
 
-        from training.tasks import QUEUE
+        from training.jobs.app import QUEUE
 
         client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
         try:
@@ -181,11 +181,11 @@ class Stack:
     reconciler: subprocess.Popen | None = None
 
     def start_reconciler(self) -> subprocess.Popen:
-        """`python -m training reconcile --every N` as the Procfile runs it, with a short lost-message age."""
+        """`python -m training.jobs reconcile --every N` as the Procfile runs it, with a short lost-message age."""
         log = self.folder / "reconciler.log"
         with log.open("ab") as out:
             self.reconciler = subprocess.Popen(
-                [sys.executable, "-m", "training", "reconcile", "--every", str(RECONCILE_EVERY_S),
+                [sys.executable, "-m", "training.jobs", "reconcile", "--every", str(RECONCILE_EVERY_S),
                  "--lost-after", str(LOST_AFTER_S)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                 env=worker_env(self.settings, self.settings.celery_broker_url), start_new_session=True)
         self.reconciler.log_path = log

@@ -1,7 +1,7 @@
 """Faults against a live stack: nothing is lost, nothing is done twice, no process crashes, no job is stuck.
 
 The long runs (`@pytest.mark.long`, `make reliability`) each start the API under gunicorn, real
-Celery workers and the reconciler (`python -m training reconcile --every 1 --lost-after 3`), cause
+Celery workers and the reconciler (`python -m training.jobs reconcile --every 1 --lost-after 3`), cause
 one fault, and record whether it was survived in the `faults` record: a worker SIGKILLed
 mid-training, Redis killed and restarted with jobs queued (with AOF as the compose file ships it,
 and without persistence), the API killed and restarted during a job, the model store's disk full
@@ -23,10 +23,10 @@ import requests
 from tests.live import digits_zip
 from tests.reliability.conftest import fill_disk, flush_shared_redis
 from training.errors import StoreFullError
-from training.jobs import JobStore
+from training.jobs.records import JobStore
+from training.jobs.runner import run_job
 from training.settings import Settings
 from training.store import ModelStore
-from training.tasks import run_job
 
 SHORT_JOB = {"image_size": 32, "epochs": 3}
 # Long enough that a fault lands while it trains (tens of seconds on two shared cores).
@@ -48,7 +48,7 @@ def store_entries(model_dir) -> list[str]:
 
 
 def test_disk_full_while_saving_fails_the_job_cleanly_and_the_next_one_succeeds(small_disk, tmp_path):
-    from tests.training.test_tasks import add_dataset
+    from tests.training.jobs.helpers import add_dataset
 
     disk = small_disk(4096)
     settings = Settings(model_dir=disk, data_dir=tmp_path / "data", backbone_weights="none",

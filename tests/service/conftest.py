@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 
-from service import create_app
-from service.runtime_ext import close_runtime
+from service import create_app, extensions
 from training.options import parse_options
 from training.pipeline import train
 from training.settings import Settings
@@ -32,7 +31,7 @@ def app(trained_settings):
     """One app over the trained store, shared by the tests that do not change the store."""
     app = create_app({"SETTINGS": trained_settings, "TESTING": True})
     yield app
-    close_runtime(app)
+    extensions.close(app)
 
 
 @pytest.fixture
@@ -94,7 +93,7 @@ def fake_app(tmp_path):
         settings = Settings(model_dir=tmp_path / "models", data_dir=tmp_path / "data", backbone_weights="none",
                             **settings)
         app = create_app({"SETTINGS": settings, "TESTING": True})
-        app.extensions["runtime"] = runtime or FakeRuntime()
+        app.extensions["runtime"].set(runtime or FakeRuntime())
         return app
 
     return make

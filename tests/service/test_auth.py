@@ -35,7 +35,7 @@ def keyed_client(store_settings):
 
     settings = dataclasses.replace(store_settings, training_api_key=TRAIN_KEY, prediction_api_key=PREDICT_KEY)
     app = create_app({"SETTINGS": settings, "TESTING": True})
-    app.extensions["runtime"] = FakeRuntime()
+    app.extensions["runtime"].set(FakeRuntime())
     return app.test_client()
 
 

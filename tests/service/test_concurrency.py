@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service import create_app
-from service.runtime_ext import close_runtime
+from service import create_app, extensions
 from tests.service.conftest import MODEL
 from training.predict import predict_files
 
@@ -75,6 +74,6 @@ def test_publish_and_roll_back_during_load_give_no_errors(store_settings, digit_
         stop.set()
         for thread in threads:
             thread.join(60)
-        close_runtime(app)
+        extensions.close(app)
     assert statuses and set(statuses) == {200}
     assert set(versions) <= {1, 2}

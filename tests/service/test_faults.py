@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.live import GUNICORN, ROOT, digits_zip, fetch, flush_redis, free_port, server_env, wait_healthy
-from tests.training.test_tasks import start_worker, stop_worker
+from tests.training.jobs.helpers import start_worker, stop_worker
 from training.settings import Settings
 from training.store import ModelStore
 

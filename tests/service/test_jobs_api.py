@@ -6,6 +6,7 @@ when it does not answer. Tests run in file order: the cancel test runs before th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -16,16 +17,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
 
-from service import create_app
-from service.jobs_ext import close_jobs
-from service.runtime_ext import close_runtime
+from service import create_app, extensions
 from tests.live import ROOT, zip_folder
 from training.demo import write_digits_dataset
-from training.jobs import JobStore
+from training.jobs.records import JobStore
 from training.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -60,8 +60,7 @@ def japp(job_settings):
     job_settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app({"SETTINGS": job_settings, "TESTING": True})
     yield app
-    close_jobs(app)
-    close_runtime(app)
+    extensions.close(app)
 
 
 @pytest.fixture
@@ -84,7 +83,7 @@ def worker(job_settings, tmp_path_factory):
             celery = Path(sys.executable).parent / "celery"
             with log.open("wb") as out:
                 started.append(subprocess.Popen(
-                    [str(celery), "-A", "training.tasks", "worker", "-Q", "training", "--concurrency", "1",
+                    [str(celery), "-A", "training.jobs.worker", "worker", "-Q", "training", "--concurrency", "1",
                      "-l", "info", "--without-gossip", "--without-mingle", "-n", f"test-{os.getpid()}@%h"],
                     cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
         return started[0]
@@ -192,8 +191,14 @@ def test_bad_train_requests_are_refused_before_a_job_exists(jclient, dataset_id)
     assert_error(jclient.get("/v1/jobs?limit=0"), 400, "limit")
 
 
+class StandInBroker:
+    """Stands in for the Celery app of a broker server (Redis): `enqueue` has no folders to make for it."""
+
+    conf = SimpleNamespace(broker_transport_options={})
+
+
 def test_broker_down_answers_503_and_keeps_the_job_queued(jclient, dataset_id, monkeypatch):
-    class DeadBroker:
+    class DeadBroker(StandInBroker):
         def send_task(self, *args, **kwargs):
             raise ConnectionRefusedError("Error 111 connecting to redis:6379")
 
@@ -206,7 +211,7 @@ def test_broker_down_answers_503_and_keeps_the_job_queued(jclient, dataset_id, m
     assert jclient.post(f"/v1/jobs/{job['id']}/cancel").get_json()["status"] == "cancelled"
 
 
-class RecordingBroker:
+class RecordingBroker(StandInBroker):
     """Stands in for the Celery app: records which jobs were sent."""
 
     def __init__(self) -> None:
@@ -297,7 +302,7 @@ def test_requests_racing_with_one_idempotency_key_record_one_job(japp, jclient, 
 
 def test_a_retry_with_the_same_key_once_the_broker_is_back_sends_the_same_job(jclient, dataset_id, monkeypatch,
                                                                                broker):
-    class DeadBroker:
+    class DeadBroker(StandInBroker):
         def send_task(self, *args, **kwargs):
             raise ConnectionRefusedError("Error 111 connecting to redis:6379")
 
@@ -413,7 +418,7 @@ def test_event_stream_sends_changes_keepalives_and_ends():
 
 def test_event_streams_are_capped_so_predictions_keep_their_threads(japp, job_settings, dataset_id):
     job = JobStore.from_settings(job_settings).create("digits", dataset_id, {})  # stays queued: no worker here
-    japp.config["EVENT_STREAMS"] = 2
+    japp.config["SETTINGS"] = dataclasses.replace(job_settings, event_streams=2)
     japp.extensions.pop("event_streams", None)
     client = japp.test_client()
     url = f"/v1/jobs/{job['id']}/events"
@@ -433,5 +438,5 @@ def test_event_streams_are_capped_so_predictions_keep_their_threads(japp, job_se
         third.close()
         second.close()
     finally:
-        japp.config.pop("EVENT_STREAMS")
+        japp.config["SETTINGS"] = job_settings
         japp.extensions.pop("event_streams", None)

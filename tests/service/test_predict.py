@@ -210,10 +210,11 @@ def test_too_many_form_parts_is_413(fake_app):
 
 
 def test_overloaded_runtime_is_503_with_retry_after(fake_app, digit_pngs):
-    from service.errors import Overloaded
     from tests.service.conftest import FakeRuntime
+    from training.errors import Overloaded
 
-    client = fake_app(FakeRuntime(error=Overloaded(retry_after=2))).test_client()
+    overloaded = Overloaded("prediction queue is full, retry shortly", retry_after=2)
+    client = fake_app(FakeRuntime(error=overloaded)).test_client()
     response = client.post(PREDICT, data=files(next(iter(digit_pngs.values()))))
     assert_error(response, 503, "overloaded", "queue is full")
     assert response.headers["Retry-After"] == "2"
@@ -255,7 +256,7 @@ def test_runtime_receives_the_decoded_arguments(fake_app, digit_pngs):
 
 def test_bad_input_is_answered_without_building_the_runtime(fake_app):
     app = fake_app()
-    app.extensions["runtime"] = None  # as in a fresh worker
+    app.extensions["runtime"].set(None)  # as in a fresh worker
     response = app.test_client().post(PREDICT, json={"instances": [{"b64": "!!"}]})
     assert_error(response, 400, "bad_request", "base64")
-    assert app.extensions["runtime"] is None
+    assert app.extensions["runtime"].current() is None

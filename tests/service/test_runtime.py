@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,11 +12,20 @@ import numpy as np
 import pytest
 
 from service.batching import MicroBatcher, own_copy
-from service.errors import Overloaded, PredictTimeout, Unavailable
+from service.errors import http_headers, http_status
 from service.runtime import ModelRuntime
+from tests.live import ROOT
 from training.backbone import bfloat16_supported
 from training.demo import write_digits_dataset
-from training.errors import ImageError, ModelNotFoundError, StoreFullError, UnsupportedImageError
+from training.errors import (
+    ImageError,
+    ModelNotFoundError,
+    ModelUnavailable,
+    Overloaded,
+    PredictTimeout,
+    StoreFullError,
+    UnsupportedImageError,
+)
 from training.options import parse_options
 from training.pipeline import train
 from training.predict import predict_files
@@ -73,7 +84,7 @@ def test_a_full_queue_answers_overloaded_at_once():
         with pytest.raises(Overloaded) as info:
             batcher.submit(np.zeros((1, 1)))
         assert time.monotonic() - started < 0.05
-        assert info.value.status == 503 and info.value.headers["Retry-After"]
+        assert http_status(info.value) == (503, "overloaded") and http_headers(info.value) == {"Retry-After": "1"}
         release.set()
         assert running.result(5).shape == (1, 1)
         assert all(f.result(5).shape == (1, 1) for f in queued)
@@ -163,15 +174,16 @@ def test_a_forward_that_never_returns_times_out_and_is_reported():
             for future in (stuck, queued):
                 with pytest.raises(PredictTimeout) as info:
                     future.result(5)
-                assert info.value.status == 503 and info.value.headers["Retry-After"]
+                assert http_status(info.value) == (503, "timeout") and http_headers(info.value) == {"Retry-After": "5"}
                 assert "PREDICT_TIMEOUT_S" in info.value.message
         assert batcher._queued_rows == 0  # the timed-out request left the queue
         time.sleep(0.2)
         problem = batcher.problem()
         assert problem and "backbone-test" in problem and "forward pass" in problem
         started = time.monotonic()
-        with pytest.raises(Unavailable, match="forward pass"):  # fails fast while the forward is hung
+        with pytest.raises(ModelUnavailable, match="forward pass") as info:  # fails fast while the forward is hung
             batcher.submit(np.zeros((1, 1)))
+        assert http_status(info.value) == (503, "unavailable") and info.value.retry_after == 5
         assert time.monotonic() - started < 0.1
         hang.set()  # the forward returns: the batcher answers again
         time.sleep(0.1)
@@ -190,7 +202,7 @@ def test_a_stopped_batching_thread_is_reported_and_refuses_work():
     batcher._thread.join(5)
     batcher._closed = False
     assert "model-x-1 has stopped" in batcher.problem()
-    with pytest.raises(Unavailable, match="stopped"):
+    with pytest.raises(ModelUnavailable, match="stopped"):
         batcher.submit(np.zeros((1, 1)))
 
 
@@ -201,6 +213,16 @@ def test_own_copy_keeps_the_type_and_message_and_chains_the_original():
     assert clone.__cause__ is original
     odd = StoreFullError("disk full", 28)  # a constructor with other arguments: a RuntimeError naming it
     assert isinstance(own_copy(odd), RuntimeError) and "StoreFullError: disk full" in str(own_copy(odd))
+
+
+def test_the_runtime_and_batcher_import_no_flask():
+    # They raise library errors; only the HTTP layer knows statuses (a worker or script can serve without Flask).
+    code = ("import sys, service.runtime, service.batching, service.model_cache; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flask', 'werkzeug')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # --- runtime on real models -------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from service import create_app
-from service.runtime_ext import close_runtime, get_runtime
+from service import create_app, extensions
+from service.extensions import get_runtime
 from tests.service.conftest import MODEL
 from tests.service.test_predict import assert_error, files
 from training.options import parse_options
@@ -38,7 +38,7 @@ def make_app():
 
     yield make
     for app in apps:
-        close_runtime(app)
+        extensions.close(app)
 
 
 def backbone_batcher(app):

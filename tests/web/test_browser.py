@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.live import GUNICORN, ROOT, fetch, flush_redis, free_port, multipart, server_env, wait_healthy
-from tests.training.test_tasks import start_worker, stop_worker
+from tests.training.jobs.helpers import start_worker, stop_worker
 from training.demo import write_digits_dataset
 from training.settings import Settings
 

@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from training.errors import StoreConflictError, TrainingError
+from training.errors import IdempotencyConflictError, InvalidInput, JobNotFoundError, TrainingError
 from training.settings import Settings
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -33,16 +33,6 @@ ACTIVE_STATUSES = (QUEUED, RUNNING)
 SQLITE_BUSY_TIMEOUT_S = 30.0
 # An Idempotency-Key: 1 to 255 printable ASCII characters (the column's width).
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
-
-
-class JobNotFoundError(TrainingError):
-    """A job id that is not in the job store."""
-
-    status = 404
-
-
-class IdempotencyConflictError(StoreConflictError):
-    """An idempotency key already used for a job with another model, dataset or options."""
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -120,7 +110,7 @@ def check_idempotency_key(key: str) -> str:
     """Check an idempotency key: 1 to 255 printable ASCII characters."""
     if not isinstance(key, str) or not IDEMPOTENCY_KEY_PATTERN.match(key):
         shown = repr(key) if not isinstance(key, str) or len(key) <= 64 else f"{key[:64]!r}... ({len(key)} characters)"
-        raise ValueError(f"Idempotency-Key must be 1-255 printable ASCII characters, received: {shown}")
+        raise InvalidInput(f"Idempotency-Key must be 1-255 printable ASCII characters, received: {shown}")
     return key
 
 
@@ -273,6 +263,18 @@ class JobStore:
         with self.engine.connect() as conn:
             return self._fetch(conn, job_id)
 
+    def recent(self, limit: int = 100, status: str | None = None) -> list[dict]:
+        """Return up to `limit` jobs, newest first, optionally only those with `status`."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, received: {status!r}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, received: {limit}")
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(jobs.c.status == status)
+        with self.engine.connect() as conn:
+            return [_as_dict(row) for row in conn.execute(query).all()]
+
     def start(self, job_id: str, worker: str) -> dict | None:
         """Move a queued job to running for `worker`; None when it is not queued (already taken, final)."""
         now = utcnow()
@@ -404,16 +406,3 @@ class JobStore:
             return bool(conn.execute(
                 jobs.update().where(*guard, jobs.c.attempts < self.max_attempts).values(status=QUEUED, worker=None)
             ).rowcount)
-
-    # Defined last: inside the class body the name `list` is this method from here on.
-    def list(self, limit: int = 100, status: str | None = None) -> list[dict]:
-        """Return up to `limit` jobs, newest first, optionally only those with `status`."""
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, received: {status!r}")
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, received: {limit}")
-        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
-        if status is not None:
-            query = query.where(jobs.c.status == status)
-        with self.engine.connect() as conn:
-            return [_as_dict(row) for row in conn.execute(query).all()]

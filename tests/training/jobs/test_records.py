@@ -1,4 +1,4 @@
-"""Job store: every status transition and its guard, on SQLite and on a real PostgreSQL."""
+"""Job records (`JobStore`): every status transition and its guard, on SQLite and on a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,8 +13,15 @@ import pytest
 import sqlalchemy as sa
 
 from tests.live import postgres_schema
-from training.errors import StoreConflictError, TrainingError
-from training.jobs import IdempotencyConflictError, JobNotFoundError, JobStore, UTCDateTime, jobs
+from training.errors import (
+    Conflict,
+    IdempotencyConflictError,
+    JobNotFoundError,
+    NotFound,
+    StoreConflictError,
+    TrainingError,
+)
+from training.jobs.records import JobStore, UTCDateTime, jobs
 from training.progress import Progress
 from training.settings import Settings
 
@@ -73,7 +80,7 @@ def test_unknown_job_is_a_404(store):
                  lambda i: store.finish(i, "failed")):
         with pytest.raises(JobNotFoundError) as caught:
             call("0" * 32)
-        assert caught.value.status == 404
+        assert isinstance(caught.value, NotFound)  # a 404: tests/service/test_errors.py
 
 
 def test_start_takes_a_queued_job_once(store):
@@ -244,18 +251,18 @@ def test_max_attempts_is_a_constructor_argument(store_url):
         JobStore(store_url, max_attempts=0)
 
 
-def test_list_is_newest_first_limited_and_filtered(store):
+def test_recent_is_newest_first_limited_and_filtered(store):
     ids = [store.create("parts", f"ds{i}", {})["id"] for i in range(4)]
     store.start(ids[1], "w")
     store.request_cancel(ids[2])
-    assert [j["id"] for j in store.list()] == ids[::-1]
-    assert [j["id"] for j in store.list(limit=2)] == ids[:1:-1]
-    assert [j["id"] for j in store.list(status="queued")] == [ids[3], ids[0]]
-    assert [j["id"] for j in store.list(status="running")] == [ids[1]]
-    assert store.list(status="succeeded") == []
-    assert json.loads(json.dumps(store.list())) == store.list()
+    assert [j["id"] for j in store.recent()] == ids[::-1]
+    assert [j["id"] for j in store.recent(limit=2)] == ids[:1:-1]
+    assert [j["id"] for j in store.recent(status="queued")] == [ids[3], ids[0]]
+    assert [j["id"] for j in store.recent(status="running")] == [ids[1]]
+    assert store.recent(status="succeeded") == []
+    assert json.loads(json.dumps(store.recent())) == store.recent()
     with pytest.raises(ValueError, match="status"):
-        store.list(status="done")
+        store.recent(status="done")
 
 
 def test_opening_twice_keeps_the_records(store_url):
@@ -334,7 +341,7 @@ def test_an_idempotency_key_records_one_job(store):
     assert other["id"] != first["id"]
     plain = [store.create("parts", "ds1", {"epochs": 3}) for _ in range(2)]  # no key: never deduplicated
     assert plain[0]["id"] != plain[1]["id"] and plain[0]["idempotency_key"] is None
-    assert len(store.list()) == 4
+    assert len(store.recent()) == 4
 
 
 @pytest.mark.parametrize(("model", "dataset", "params", "named"), [
@@ -346,16 +353,16 @@ def test_an_idempotency_key_reused_for_another_job_is_a_conflict(store, model, d
     first = store.create("parts", "ds1", {"epochs": 3}, idempotency_key="k1")
     with pytest.raises(IdempotencyConflictError) as caught:
         store.create(model, dataset, params, idempotency_key="k1")
-    assert isinstance(caught.value, StoreConflictError) and caught.value.status == 409
+    assert isinstance(caught.value, StoreConflictError) and isinstance(caught.value, Conflict)  # a 409
     assert first["id"] in caught.value.message and f"received: {named}" in caught.value.message
-    assert len(store.list()) == 1
+    assert len(store.recent()) == 1
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there", "new\nline", 17])
 def test_bad_idempotency_keys_are_refused(store, key):
     with pytest.raises(ValueError, match="Idempotency-Key must be 1-255 printable ASCII characters, received: "):
         store.create("parts", "ds1", {}, idempotency_key=key)
-    assert store.list() == []
+    assert store.recent() == []
 
 
 def test_threads_racing_with_one_idempotency_key_record_one_job(store):
@@ -367,7 +374,7 @@ def test_threads_racing_with_one_idempotency_key_record_one_job(store):
 
     with ThreadPoolExecutor(8) as pool:
         ids = set(pool.map(create, range(8)))
-    assert len(ids) == 1 and [job["id"] for job in store.list()] == list(ids)
+    assert len(ids) == 1 and [job["id"] for job in store.recent()] == list(ids)
 
 
 def test_the_unique_index_holds_even_without_the_lookup_first(store):

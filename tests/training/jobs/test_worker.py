@@ -1,0 +1,151 @@
+"""Real Celery workers (`celery -A training.jobs.worker`) on Redis and on the embedded filesystem broker."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from datetime import datetime
+
+import pytest
+
+from tests.training.jobs.helpers import (
+    DATASET_ID,
+    PARAMS,
+    add_dataset,
+    start_worker,
+    stop_worker,
+    wait_until_final,
+)
+from training.demo import write_digits_dataset
+from training.jobs.app import enqueue, make_celery
+from training.jobs.reconciler import reconcile
+from training.jobs.records import JobStore
+from training.store import ModelStore
+
+
+@pytest.mark.slow
+def test_real_worker_on_redis_runs_jobs_one_after_the_other(settings, redis_url, tmp_path):
+    settings = dataclasses.replace(settings, celery_broker_url=redis_url,
+                                   database_url=f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}")
+    dataset = add_dataset(settings)
+    jobs = JobStore.from_settings(settings)
+    app = make_celery(settings)
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, redis_url, log_file)
+    try:
+        ids = [jobs.create("digits", dataset, PARAMS)["id"] for _ in range(2)]
+        for job_id in ids:
+            enqueue(app, job_id)
+        first, second = wait_until_final(jobs, ids, worker, log_file)
+    finally:
+        stop_worker(worker)
+        jobs.close()
+
+    assert first["status"] == second["status"] == "succeeded", (first["error"], second["error"])
+    assert {first["result"]["version"], second["result"]["version"]} == {1, 2}
+    earlier, later = sorted([first, second], key=lambda r: r["started_at"])
+    assert datetime.fromisoformat(later["started_at"]) >= datetime.fromisoformat(earlier["finished_at"])
+    assert worker.returncode == 0, log_file.read_text(errors="replace")[-4000:]
+
+
+@pytest.mark.slow
+def test_real_worker_on_embedded_filesystem_broker(settings, tmp_path):
+    dataset = add_dataset(settings)
+    jobs = JobStore.from_settings(settings)
+    app = make_celery(settings)
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, None, log_file)
+    try:
+        job_id = jobs.create("digits", dataset, PARAMS)["id"]
+        enqueue(app, job_id)
+        (done,) = wait_until_final(jobs, [job_id], worker, log_file)
+    finally:
+        stop_worker(worker)
+        jobs.close()
+
+    assert done["status"] == "succeeded", done["error"]
+    assert ModelStore(settings.model_dir).versions("digits") == [1]
+    assert worker.returncode == 0, log_file.read_text(errors="replace")[-4000:]
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_mid_job_is_rerun_once_and_never_stuck(settings, redis_url, tmp_path):
+    settings = dataclasses.replace(settings, celery_broker_url=redis_url, job_heartbeat_seconds=0.5,
+                                   job_stale_seconds=3)
+    write_digits_dataset(settings.datasets_dir / DATASET_ID / "data", image_size=32, per_class=40, classes=10)
+    store = JobStore.from_settings(settings)
+    app = make_celery(settings)
+    job = store.create("digits", DATASET_ID, {"image_size": 32, "epochs": 200, "patience": 200})
+    enqueue(app, job["id"])
+    first = start_worker(settings, redis_url, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 60
+        while store.get(job["id"])["status"] != "running":
+            assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool child, mid-training
+        first.wait(10)
+        assert store.get(job["id"])["status"] == "running"  # nobody knows yet
+
+        second = start_worker(settings, redis_url, tmp_path / "second.log")
+        try:
+            deadline = time.monotonic() + 120
+            while store.get(job["id"])["status"] in ("queued", "running"):
+                reconcile(settings, app)  # what `python -m training reconcile --every N` does
+                assert time.monotonic() < deadline and second.poll() is None, \
+                    (tmp_path / "second.log").read_text()[-3000:]
+                time.sleep(0.5)
+        finally:
+            stop_worker(second)
+        final = store.get(job["id"])
+        assert final["status"] == "succeeded", final
+        assert final["attempts"] == 2
+        assert ModelStore(settings.model_dir).versions("digits") == [final["result"]["version"]] == [1]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        store.close()
+
+
+@pytest.mark.slow
+def test_a_run_that_ignores_its_cancel_is_killed_after_the_grace_period(settings, redis_url, tmp_path):
+    settings = dataclasses.replace(settings, celery_broker_url=redis_url, job_heartbeat_seconds=0.5,
+                                   job_stale_seconds=60, job_cancel_grace_seconds=1)
+    write_digits_dataset(settings.datasets_dir / DATASET_ID / "data", image_size=32, per_class=40, classes=10)
+    jobs = JobStore.from_settings(settings)
+    app = make_celery(settings)
+    job = jobs.create("digits", DATASET_ID, {"image_size": 32, "epochs": 500, "patience": 500})
+    enqueue(app, job["id"])
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, redis_url, log_file, deaf=True)
+    try:
+        deadline = time.monotonic() + 90
+        while (record := jobs.get(job["id"]))["progress"] is None or record["progress"]["phase"] != "head":
+            assert time.monotonic() < deadline and worker.poll() is None, log_file.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        jobs.request_cancel(job["id"])
+        time.sleep(2)
+        assert jobs.get(job["id"])["status"] == "running"  # the run ignores the request
+
+        assert reconcile(settings, app)["killed"] == 1
+        killed = jobs.get(job["id"])
+        assert killed["status"] == "cancelled" and "JOB_CANCEL_GRACE_SECONDS" in killed["error"]
+        # The run is gone: no more heartbeats or progress, and no version appears.
+        progress = killed["progress"]
+        time.sleep(3)
+        assert jobs.get(job["id"])["progress"] == progress
+        log = log_file.read_text(errors="replace")
+        assert f"Terminating {job['id']}" in log, log[-3000:]  # Celery's own word that it killed this task
+
+        # The worker lives on (a fresh child) and takes the next job; the killed one never runs again.
+        next_job = jobs.create("digits", DATASET_ID, PARAMS)
+        enqueue(app, next_job["id"])
+        (done,) = wait_until_final(jobs, [next_job["id"]], worker, log_file, timeout=120)
+        assert done["status"] == "succeeded", done["error"]
+        assert jobs.get(job["id"])["status"] == "cancelled" and jobs.get(job["id"])["attempts"] == 1
+        assert ModelStore(settings.model_dir).versions("digits") == [1]
+    finally:
+        stop_worker(worker)
+        jobs.close()
