@@ -8,11 +8,15 @@ need() {  # need COMMAND DEBIAN-PACKAGE
   command -v "$1" >/dev/null || die "$1 still missing after installing $2"
 }
 need podman podman
+# runc, not crun (which `apt-get install podman` picks first): crun refuses this kind of host's hybrid
+# cgroup v1/v2 layout ("crun: cgroups in hybrid mode not supported"); runc runs containers there.
+need runc runc
 need debootstrap debootstrap
 
 # Rootful podman raises a container's open-files and process limits to the maximum by default; inside a
 # sandbox that may not be allowed ("error setting rlimit ... operation not permitted"), so containers get
-# this host's own hard limits instead, through a containers.conf of ours (CONTAINERS_CONF).
+# this host's own hard limits instead, through a containers.conf of ours (CONTAINERS_CONF), which also
+# names runc as the OCI runtime.
 deploy_podman_env() {
   local dir=${BASE_CACHE:-/var/cache/classifier-deploy} nofile nproc
   nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
@@ -21,7 +25,7 @@ deploy_podman_env() {
   # A hard limit equal to this host's is refused in some sandboxes (the pids controller); 32768 is plenty.
   [ "$nproc" -gt 32768 ] && nproc=32768
   mkdir -p "$dir"
-  printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' \
+  printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n[engine]\nruntime = "runc"\n' \
     "$nofile" "$nofile" "$nproc" "$nproc" > "$dir/containers.conf"
   export CONTAINERS_CONF="$dir/containers.conf"
 }
