@@ -1,4 +1,4 @@
-# One image for the API (gunicorn), the training worker (Celery), the reconciler and Flower.
+# One image for the API (gunicorn), the training and ingest workers (Celery), the reconciler and Flower.
 #
 #   docker build -t classifier .                                           # GPU image (CUDA wheels via pip)
 #   docker build -t classifier --build-arg TENSORFLOW=tensorflow-cpu==2.21.0 .   # CPU image
@@ -54,7 +54,7 @@ layers = ['avg', 'fc2'] if sys.argv[1] == 'all' else ['avg']; \
 FROM ${PYTHON_IMAGE} AS runtime
 ARG APP_UID=10001
 LABEL org.opencontainers.image.title="classifier" \
-      org.opencontainers.image.description="Self-hosted transfer-learning image classifier: API and training worker"
+      org.opencontainers.image.description="Self-hosted transfer-learning image classifier: API, training and ingest workers"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -81,7 +81,7 @@ COPY service/ service/
 RUN python -m compileall -q training service
 USER ${APP_UID}:${APP_UID}
 EXPOSE 8000
-# The API's liveness; the compose file gives the worker, reconciler and Flower checks of their own.
+# The API's liveness; the compose file gives the workers, reconciler and Flower checks of their own.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]

@@ -14,9 +14,9 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The API under gunicorn, a Celery training worker and the job reconciler, together (Procfile);
-# Ctrl-C stops all three. Without CELERY_BROKER_URL the worker uses an embedded broker
-# (files under DATA_DIR), so no Redis is needed.
+# The API under gunicorn, a Celery training worker, a Celery ingest worker (dataset uploads) and the
+# job reconciler, together (Procfile); Ctrl-C stops all four. Without CELERY_BROKER_URL the workers use
+# an embedded broker (files under DATA_DIR), so no Redis is needed.
 run: $(BIN)/.installed
 	HOST=$(HOST) $(BIN)/honcho start -f Procfile --port $(PORT)
 

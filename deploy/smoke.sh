@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container smoke test: build the CPU image with podman, start the compose stack (CPU override plus
-# deploy/smoke/compose.smoke.yml) with host networking and every service on 127.0.0.1, train a tiny model
-# through the API with BACKBONE_WEIGHTS=none, predict, check every healthcheck, tear everything down
+# deploy/smoke/compose.smoke.yml) with host networking and every service on 127.0.0.1, upload a tiny dataset
+# (ingested by the ingest worker) and train a model on it through the API with BACKBONE_WEIGHTS=none,
+# predict, check every healthcheck, tear everything down
 # (also on failure). Idempotent; slow on the first run (base image, pip), quick once cached.
 #
 #   deploy/smoke.sh                      # as root; exits non-zero, loudly, on any failure
@@ -142,10 +143,10 @@ compose ps >&2
 timed "train and predict" env PYTHONPATH="$ROOT" "$VENV/bin/python" deploy/smoke_flow.py --url "http://127.0.0.1:$SMOKE_API_PORT" \
   --timeout "$TIMEOUT_S"
 
-# 4. Every service with a healthcheck reports healthy (the worker through Celery's ping, Flower over HTTP).
+# 4. Every service with a healthcheck reports healthy (the workers through Celery's ping, Flower over HTTP).
 healthy() {
   local name status id
-  for name in api worker reconciler flower redis postgres; do
+  for name in api worker ingest reconciler flower redis postgres; do
     id=$(compose ps -q "$name")
     status=$(podman inspect --format '{{.State.Health.Status}}' "$id" 2>/dev/null || echo missing)
     if [ "$status" != healthy ]; then
@@ -160,4 +161,4 @@ until healthy; do
   [ "$SECONDS" -lt "$deadline" ] || die "not every service became healthy"
   sleep 5
 done
-say "all six services healthy"
+say "all seven services healthy"

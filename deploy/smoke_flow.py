@@ -1,4 +1,5 @@
-"""The HTTP half of the container smoke test (deploy/smoke.sh): train a tiny model through the API, predict.
+"""The HTTP half of the container smoke test (deploy/smoke.sh): upload a tiny dataset, wait for the ingest
+worker's report, train a model on it through the API, predict.
 
     python deploy/smoke_flow.py --url http://127.0.0.1:8091
 
@@ -60,6 +61,19 @@ def wait_ready(url: str, timeout_s: float) -> float:
     raise AssertionError
 
 
+def wait_ingested(url: str, dataset: dict, auth: dict, timeout_s: float) -> dict:
+    """Poll an uploaded dataset until the ingest worker made it ready; fail when it failed or took too long."""
+    deadline = time.monotonic() + timeout_s
+    while dataset["status"] in ("queued", "ingesting"):
+        if time.monotonic() > deadline:
+            fail(f"dataset {dataset['id']} still {dataset['status']} after {timeout_s:.0f} s: is the ingest worker up?")
+        time.sleep(1)
+        dataset = expect(requests.get(f"{url}{dataset['url']}", headers=auth, timeout=30), 200, "dataset")
+    if dataset["status"] != "ready":
+        fail(f"dataset {dataset['id']} ended {dataset['status']}: {dataset.get('error')}")
+    return dataset
+
+
 def make_dataset(folder: Path) -> tuple[bytes, list[Path]]:
     """Zip 3 classes x 12 real digit images at 32 px; return the zip and one held-out image per class."""
     from training.demo import write_digits_dataset
@@ -89,11 +103,14 @@ def run(url: str, train_key: str, predict_key: str, timeout_s: float) -> None:
                              timeout=60), 403, "upload with the prediction key")
         started = time.monotonic()
         dataset = expect(requests.post(f"{url}/v1/datasets", files={"file": ("digits.zip", archive)},
-                                       headers=train_auth, timeout=120), 201, "dataset upload")
+                                       headers=train_auth, timeout=120), 202, "dataset upload")
         timings["upload"] = time.monotonic() - started
+        dataset = wait_ingested(url, dataset, train_auth, timeout_s)
+        timings["ingest"] = time.monotonic() - started - timings["upload"]
         if dataset.get("classes") != {label: 12 for label in CLASSES}:
             fail(f"dataset classes: expected 12 images of each of {CLASSES}, got {dataset.get('classes')}")
-        say(f"dataset {dataset['id']}: {dataset['images']} images in {timings['upload']:.1f} s")
+        say(f"dataset {dataset['id']}: {dataset['images']} images, uploaded in {timings['upload']:.1f} s, "
+            f"ingested by the ingest worker {timings['ingest']:.1f} s later")
 
         started = time.monotonic()
         body = {"dataset": dataset["id"], "epochs": 5, "image_size": 32, "patience": 5}

@@ -29,6 +29,9 @@ from training.errors import (
 
 logger = logging.getLogger("service.errors")
 
+# How long a client is told to wait before retrying when the broker (the job and ingest queues) is down.
+BROKER_RETRY_AFTER_S = 30
+
 CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
          409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "too_many_requests",
          500: "internal_error", 503: "unavailable", 507: "insufficient_storage"}
@@ -75,6 +78,17 @@ class ServiceError(Exception):
         self.message, self.status = message, status
         self.code = code or CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_"))
         self.headers = headers or {}
+
+
+def broker_unavailable(exc: Exception, what: str, queue: str, then: str, url: str) -> ServiceError:
+    """A 503 for work recorded as queued whose message could not be sent: the broker is down or unreachable.
+
+    `then` says what happens next and how to retry safely; the answer points at the record (`url`).
+    """
+    logger.error("could not send %s to the %s queue: %s", what, queue, exc)
+    return ServiceError(f"{what} is recorded as queued but the {queue} queue (broker) is unavailable: "
+                        f"{type(exc).__name__}: {exc}. {then}", 503, "unavailable",
+                        {"Retry-After": str(BROKER_RETRY_AFTER_S), "Location": url})
 
 
 def limit_body(megabytes: int, setting: str) -> None:

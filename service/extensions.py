@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from flask import Flask, current_app
 
-from training.datasets import DatasetStore
+from training.data.store import DatasetStore
 from training.jobs.records import JobStore
 from training.settings import Settings
 from training.store import ModelStore
@@ -80,7 +80,7 @@ def _build_runtime(settings: Settings) -> ModelRuntime:
 
 
 def _build_celery(settings: Settings) -> Celery:
-    """Build the Celery app that sends training jobs (connected on first send)."""
+    """Build the Celery app that sends training jobs and dataset ingests (connected on first send)."""
     from training.jobs.app import make_celery  # Celery and kombu only, and only once a job is sent.
 
     return make_celery(settings)
@@ -116,7 +116,7 @@ def get_jobs() -> JobStore:
 
 
 def get_celery() -> Celery:
-    """The Celery app that sends training jobs to the `training` queue."""
+    """The Celery app that sends training jobs (queue `training`) and dataset ingests (queue `ingest`)."""
     return _per_process("celery")
 
 

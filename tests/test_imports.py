@@ -1,4 +1,5 @@
-"""Importing is free: no module connects or creates files, and the job system and web app import no TensorFlow.
+"""Importing is free: no module connects or creates files, and the job system, the dataset modules (all an ingest
+worker runs) and the web app import no TensorFlow.
 
 Each check runs in a fresh interpreter, so nothing an earlier test imported or built can hide a side effect.
 """
@@ -33,15 +34,17 @@ for package in ("training", "service"):
 print(json.dumps({"modules": modules, "connects": attempts}))
 """
 
-# Imports the job system's modules and builds the web app, then fails naming TensorFlow or Keras if they came along.
+# Imports the job system's and the dataset modules and builds the web app, then fails naming TensorFlow or Keras if
+# they came along.
 IMPORT_LIGHT = """
 import importlib, pkgutil, sys
-import training.jobs
+import training.data, training.jobs
 from service import create_app
 
-for info in pkgutil.walk_packages(training.jobs.__path__, "training.jobs."):
-    if info.name.rpartition(".")[2] != "__main__":
-        importlib.import_module(info.name)
+for package in (training.jobs, training.data):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if info.name.rpartition(".")[2] != "__main__":
+            importlib.import_module(info.name)
 create_app()
 heavy = [name for name in ("tensorflow", "keras") if name in sys.modules]
 sys.exit(f"imported {heavy}" if heavy else 0)
@@ -66,7 +69,8 @@ def test_importing_any_module_connects_to_nothing_and_creates_no_files(tmp_path)
 
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
-    assert {"training.jobs.worker", "training.jobs.tasks", "service.extensions"} <= set(report["modules"])
+    assert {"training.jobs.worker", "training.jobs.tasks", "training.data.store", "service.extensions"} <= \
+        set(report["modules"])
     assert report["connects"] == []
     assert sorted(watched.rglob("*")) == []
 

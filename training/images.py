@@ -16,13 +16,15 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from training.errors import ImageError, UnsupportedImageError
+from training.settings import Settings
 
 # Formats sniffed from the bytes; a filename or Content-Type is never trusted.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # How files of the allowed formats start (WEBP and BMP are checked in `_signature`).
 _SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
                "TIFF": (b"II*\x00", b"MM\x00*")}
-DEFAULT_MAX_PIXELS = 50_000_000
+# MAX_IMAGE_PIXELS' default: one source for the settings, ingest's limits and this module.
+DEFAULT_MAX_PIXELS = Settings.max_image_pixels
 # Bumped whenever the pixels this module produces change, so cached features
 # computed by an older version are not reused.
 PREPROCESSING_VERSION = "1"

@@ -1,6 +1,9 @@
-"""One training run: ingest → features (cached) → head → optional fine-tune → evaluate → save.
+"""One training run: (ingest) → features (cached) → head → optional fine-tune → evaluate → save.
 
-This is what the CLI and the Celery task call. It reports progress through a
+This is what the CLI and the Celery task call: the CLI with a folder or an archive, which is
+ingested here; a job with the stored dataset read from its manifest (`training.data.store`),
+whose images are not decoded or hashed again (features are cached by content hash, so only
+images new to the cache are decoded, for the backbone). It reports progress through a
 callback and stops within one epoch or feature batch when its cancel check says so;
 a cancelled or failed run writes no version.
 """
@@ -16,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from training.backbone import BackboneSpec, backbone_id, effective_precision, shared_backbone, weights_id
+from training.data.dataset import Dataset, IngestLimits
+from training.data.ingest import ingest, work_folder
 from training.errors import InvalidInput
 from training.evaluate import evaluate, summary_scores
 from training.features import FeatureCache, extract_features
 from training.finetune import FineTuneParams, fine_tune
 from training.head import HeadParams, train_head
 from training.images import PREPROCESSING
-from training.ingest import Dataset, IngestLimits, ingest, work_folder
 from training.predict import LoadedModel, file_probabilities
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress, raise_if_cancelled
 from training.settings import Settings
@@ -108,13 +112,15 @@ def _params_dict(params: TrainParams) -> dict:
     return data
 
 
-def train(source: str | Path, name: str, settings: Settings, params: TrainParams = TrainParams(),
+def train(source: str | Path | Dataset, name: str, settings: Settings, params: TrainParams = TrainParams(),
           progress: ProgressFn = no_progress, cancel: CancelFn = never_cancel,
           job_id: str | None = None) -> TrainResult:
-    """Train a model named `name` on the dataset at `source` and save it as a new version.
+    """Train a model named `name` on a dataset and save it as a new version.
 
-    `job_id` is recorded in the version's metadata, so a job that is run again after a
-    crash can find the version it already produced instead of making a second one.
+    `source` is a folder or an archive, ingested first (phase `ingest`), or a `Dataset`
+    already ingested (a stored dataset's manifest), used as it is. `job_id` is recorded in
+    the version's metadata, so a job that is run again after a crash can find the version it
+    already produced instead of making a second one.
     """
     validate_name(name)
     spec = BackboneSpec(settings.backbone_weights, params.feature_layer, params.image_size)
@@ -127,11 +133,14 @@ def train(source: str | Path, name: str, settings: Settings, params: TrainParams
         timings[phase] = round(now - clock, 3)
         clock = now
 
-    with work_folder(settings.data_dir, "ingest-") as workdir:
-        progress(Progress("unpack", 0, 1))
-        dataset = ingest(source, workdir, IngestLimits.from_settings(settings))
-        progress(Progress("unpack", 1, 1))
-        lap("unpack")
+    with work_folder(settings.data_dir, "train-") as workdir:
+        if isinstance(source, Dataset):
+            dataset = source
+        else:
+            progress(Progress("ingest", 0, 1))
+            dataset = ingest(source, Path(workdir) / "dataset", IngestLimits.from_settings(settings))
+            progress(Progress("ingest", 1, 1))
+            lap("ingest")
         raise_if_cancelled(cancel)
 
         classes = dataset.classes

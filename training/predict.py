@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from training.backbone import BackboneSpec, backbone_id, effective_precision, shared_backbone, weights_id
+from training.data.dataset import IngestLimits
+from training.data.ingest import ingest, work_folder
 from training.errors import DatasetError, WeightsError
 from training.evaluate import evaluate
 from training.features import FeatureCache, extract_features, load_batch
 from training.head import head_probabilities
 from training.images import DEFAULT_MAX_PIXELS
-from training.ingest import IngestLimits, ingest, work_folder
 from training.settings import Settings
 from training.store import ModelStore
 

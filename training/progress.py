@@ -13,7 +13,8 @@ from training.errors import Cancelled
 class Progress:
     """One progress report: a phase, how far it is, and the last epoch's metrics.
 
-    Phases, in order: unpack, features, head, fine-tune (optional), evaluate, save.
+    Phases, in order: ingest (a folder or archive; for a job, a stored dataset no worker ingested yet),
+    features, head, fine-tune (optional), evaluate, save.
     """
 
     phase: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,10 +10,10 @@ from collections.abc import Callable, Iterator
 from flask import Response, current_app, request, url_for
 
 from service.api import Blueprint
-from service.api.datasets import ARCHIVE_BODY, FILE_FIELD, upload_archive, with_url
+from service.api.datasets import ARCHIVE_BODY, FILE_FIELD, store_upload
 from service.api.schemas import ErrorSchema, JobEnvelopeSchema, JobListQuerySchema, JobListSchema, JobSchema
 from service.auth import TRAIN, role
-from service.errors import ServiceError
+from service.errors import ServiceError, broker_unavailable
 from service.extensions import get_celery, get_datasets, get_jobs
 from service.inputs import MULTIPART
 from training.errors import JobNotFoundError, Overloaded
@@ -23,9 +22,7 @@ from training.settings import Settings
 from training.store import validate_name
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1", description="Training jobs")
-logger = logging.getLogger(__name__)
 
-BROKER_RETRY_AFTER_S = 30
 HIDDEN = ("worker",)  # host names and process ids of the training machines stay private
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_PARAMETER = {
@@ -104,7 +101,8 @@ def check_options(options: dict) -> dict:
 @bp.doc(requestBody=TRAIN_BODY, parameters=[IDEMPOTENCY_PARAMETER])
 @bp.response(202, JobEnvelopeSchema, description="Queued (or, for a known `Idempotency-Key`, that key's job): "
                                                  "follow `job.url`")
-@bp.alt_response(400, schema=ErrorSchema, description="Bad model name, option, archive or Idempotency-Key")
+@bp.alt_response(400, schema=ErrorSchema, description="Bad model name, option, archive or Idempotency-Key, or a "
+                                                      "dataset whose ingest failed")
 @bp.alt_response(404, schema=ErrorSchema, description="No such dataset")
 @bp.alt_response(409, schema=ErrorSchema, description="The Idempotency-Key was used for another model, dataset "
                                                       "or options")
@@ -112,17 +110,22 @@ def check_options(options: dict) -> dict:
 @bp.alt_response(503, schema=ErrorSchema, description="The broker is unavailable; the job stays queued (retry with "
                                                       "the same Idempotency-Key: no second job is recorded)")
 def train(name: str):
-    """Train a new version of a model on a dataset, as a queued job (once per Idempotency-Key)."""
+    """Train a new version of a model on a dataset, as a queued job (once per Idempotency-Key).
+
+    With an archive attached, the archive is stored and the job ingests it as its first phase.
+    """
     name = validate_name(name)
     key = idempotency_key()
     dataset_id, options, _ = train_request()
-    options = check_options(options)  # Every cheap check before an upload is unpacked or a job is recorded.
+    options = check_options(options)  # Every cheap check before an upload is stored or a job is recorded.
     uploaded = None
     if dataset_id is None:
-        uploaded = with_url(upload_archive())
+        # Stored, not sent to the ingest queue: the job ingests it (or finds it ingested, by then).
+        uploaded = store_upload()
         dataset_id = uploaded["id"]
-    else:
-        get_datasets().get(dataset_id)  # 404 for an unknown dataset, 400 for a malformed id
+    # 404 for an unknown dataset, 400 for a malformed id or one whose ingest failed (known failed now: else
+    # the job fails with the dataset's message).
+    get_datasets().trainable(dataset_id)
     # With a key already used: that key's job (409 when it was for another model, dataset or options).
     job = get_jobs().create(name, dataset_id, options, idempotency_key=key)
     url = job_url(job["id"])
@@ -143,14 +146,12 @@ def send(job: dict, url: str, key: str | None) -> None:
 
         enqueue(get_celery(), job["id"])
     except Exception as exc:  # The broker is down or unreachable: the job is recorded, its message is not.
-        logger.error("could not send job %s to the training queue: %s", job["id"], exc)
         retry = ("a retry with the same Idempotency-Key returns this job and will not duplicate it" if key else
                  "this request had no Idempotency-Key header, so a retry records another job (send one: a retry "
                  "with the same Idempotency-Key will not duplicate the job)")
-        raise ServiceError(f"job {job['id']} is recorded as queued but the training queue (broker) is unavailable: "
-                           f"{type(exc).__name__}: {exc}. It will be sent once the broker is back (the reconciler "
-                           f"re-sends lost messages); follow {url} or cancel it; {retry}", 503, "unavailable",
-                           {"Retry-After": str(BROKER_RETRY_AFTER_S), "Location": url}) from None
+        raise broker_unavailable(exc, f"job {job['id']}", "training",
+                                 f"It will be sent once the broker is back (the reconciler re-sends lost messages); "
+                                 f"follow {url} or cancel it; {retry}", url) from None
 
 
 @bp.route("/jobs", methods=["GET"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
+from training.data.store import STATUSES as DATASET_STATUSES
+
 MAX_TOP_K = 100
 
 
@@ -119,12 +121,16 @@ class SkippedSchema(Schema):
 
 
 class DatasetSchema(Schema):
-    """An uploaded dataset: its ingest report, kept by content."""
+    """An uploaded dataset, kept by content: `queued → ingesting → ready | failed`, with its report once ready."""
 
     id = fields.String(required=True, metadata={"description": "16 hex characters of the archive's sha256"})
-    classes = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True,
-                          metadata={"description": "class label → number of images"})
-    images = fields.Integer(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(DATASET_STATUSES),
+                           metadata={"description": "queued|ingesting|ready|failed: an ingest worker unpacks, checks "
+                                                    "and deduplicates the archive once; follow `url` until ready"})
+    error = fields.String(allow_none=True, metadata={"description": "why the dataset cannot be trained on (failed)"})
+    classes = fields.Dict(keys=fields.String(), values=fields.Integer(),
+                          metadata={"description": "class label → number of images (once ready)"})
+    images = fields.Integer(metadata={"description": "usable images (once ready)"})
     skipped = fields.List(fields.Nested(SkippedSchema), metadata={"description": "files left out, and why"})
     duplicates = fields.List(fields.Dict(), metadata={"description": "exact copies dropped"})
     conflicts = fields.List(fields.Dict(), metadata={"description": "images filed under two labels, dropped"})
@@ -132,7 +138,12 @@ class DatasetSchema(Schema):
     content_id = fields.String(metadata={"description": "hash of the labeled images (same for two packings)"})
     sha256 = fields.String()
     size = fields.Integer(metadata={"description": "archive size in bytes"})
+    filename = fields.String(allow_none=True, metadata={"description": "the uploaded file's name, made safe"})
     created = fields.String()
+    started = fields.String(metadata={"description": "when its ingest started"})
+    finished = fields.String(metadata={"description": "when its ingest ended"})
+    attempts = fields.Integer(metadata={"description": "ingests started; one whose process died is started again, "
+                                                       "at most 3 times"})
     existing = fields.Boolean(metadata={"description": "true when the same bytes were uploaded before"})
     url = fields.String()
 
@@ -166,7 +177,8 @@ class JobSchema(Schema):
 
 class JobEnvelopeSchema(Schema):
     job = fields.Nested(JobSchema, required=True)
-    dataset = fields.Nested(DatasetSchema, metadata={"description": "the uploaded dataset (multipart form only)"})
+    dataset = fields.Nested(DatasetSchema, metadata={"description": "the uploaded dataset (multipart form only); "
+                                                                    "the job ingests it as its first phase"})
 
 
 class JobListSchema(Schema):

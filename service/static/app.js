@@ -10,13 +10,16 @@ const JOB_STORAGE = "classifier.job";
 const DATASET_STORAGE = "classifier.dataset";
 const TABS = ["models", "new", "training", "try"];
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
-const PHASES = {unpack: "Unpack", features: "Features", head: "Head training", "fine-tune": "Fine-tuning",
+// A dataset is stored at once and checked by an ingest worker: these statuses mean "not done yet".
+const INGESTING = new Set(["queued", "ingesting"]);
+const DATASET_POLL_MS = 500;
+const PHASES = {ingest: "Ingest", features: "Features", head: "Head training", "fine-tune": "Fine-tuning",
   evaluate: "Evaluate", save: "Save"};
 const MAX_IMAGES = 64;
 
 const $ = (selector) => document.querySelector(selector);
-const state = {models: [], details: null, datasetId: null, jobId: null, follow: null, resultShown: null,
-  tryFiles: [], objectUrls: [], trySeq: 0};
+const state = {models: [], details: null, datasetId: null, datasetWait: null, jobId: null, follow: null,
+  resultShown: null, tryFiles: [], objectUrls: [], trySeq: 0};
 
 // ---------------------------------------------------------------- API access and messages
 
@@ -419,17 +422,24 @@ function datasetReport(record) {
   return parts;
 }
 
+// Show a ready dataset's report and allow training on it; null (or a dataset not ready) hides it.
 function useDataset(record) {
-  state.datasetId = record ? record.id : null;
+  const ready = Boolean(record) && record.status === "ready";
+  state.datasetId = ready ? record.id : null;
   if (record) sessionStorage.setItem(DATASET_STORAGE, record.id);
   else sessionStorage.removeItem(DATASET_STORAGE);
-  $("#dataset-report").replaceChildren(...(record ? datasetReport(record) : []));
-  $("#dataset-report").hidden = !record;
-  $("#start-training").disabled = !record;
+  $("#dataset-report").replaceChildren(...(ready ? datasetReport(record) : []));
+  $("#dataset-report").hidden = !ready;
+  $("#start-training").disabled = !ready;
   $("#dataset-select").value = record ? record.id : "";
 }
 
+function datasetName(record) {
+  return record.filename || `dataset ${record.id.slice(0, 8)}`;
+}
+
 function datasetLabel(record) {
+  if (record.status !== "ready") return `${datasetName(record)} · ${record.status} · ${when(record.created)}`;
   const classes = Object.keys(record.classes || {});
   return `${record.images} images · ${classes.slice(0, 4).join(", ")}${classes.length > 4 ? ", …" : ""} · ` +
     `${when(record.created)}`;
@@ -441,7 +451,41 @@ async function loadDatasets() {
   $("#dataset-select").replaceChildren(option("", data.datasets.length ? "— pick one —" : "— none yet —"),
     ...data.datasets.map((record) => option(record.id, datasetLabel(record), record.id === wanted)));
   const record = data.datasets.find((d) => d.id === wanted);
-  if (record && state.datasetId !== record.id) useDataset(record);
+  if (!record) return;
+  if (record.status === "ready" && state.datasetId !== record.id) useDataset(record);
+  // A reload while the ingest worker checks it: keep following it.
+  if (INGESTING.has(record.status) && !state.datasetWait) run(settleDataset)(record);
+}
+
+// Follow a dataset's URL until the ingest worker is done with it; show its report, or its error.
+async function settleDataset(record) {
+  if (state.datasetWait) state.datasetWait.abort();
+  const controller = new AbortController();
+  state.datasetWait = controller;
+  const name = datasetName(record);
+  useDataset(null);
+  sessionStorage.setItem(DATASET_STORAGE, record.id);
+  try {
+    while (INGESTING.has(record.status)) {
+      $("#upload-state").textContent = record.status === "queued"
+        ? `${name}: stored; waiting for an ingest worker to check it…` : `${name}: checking every image…`;
+      await sleep(DATASET_POLL_MS, controller.signal);
+      if (controller.signal.aborted) return null;
+      record = await api(`/v1/datasets/${enc(record.id)}`, {signal: controller.signal});
+    }
+  } finally {
+    if (state.datasetWait === controller) state.datasetWait = null;
+  }
+  if (record.status === "failed") {
+    sessionStorage.removeItem(DATASET_STORAGE);
+    $("#upload-state").textContent = `${name}: not accepted.`;
+    await loadDatasets();
+    throw new Error(`${name} cannot be trained on: ${record.error}`);
+  }
+  useDataset(record);
+  $("#upload-state").textContent = `${name}: ready to train.`;
+  await loadDatasets();
+  return record;
 }
 
 async function pickDataset(id) {
@@ -449,31 +493,36 @@ async function pickDataset(id) {
     useDataset(null);
     return;
   }
-  useDataset(await api(`/v1/datasets/${enc(id)}`));
+  const record = await api(`/v1/datasets/${enc(id)}`);
+  if (record.status !== "ready") {
+    await settleDataset(record);
+    return;
+  }
+  useDataset(record);
   $("#upload-state").textContent = "Uploaded before: ready to train.";
 }
 
 async function uploadDataset(file) {
   if (!file) return;
   useDataset(null);
-  $("#upload-state").textContent = `Uploading ${file.name} (${bytes(file.size)}), then checking every image…`;
+  $("#upload-state").textContent = `Uploading ${file.name} (${bytes(file.size)})…`;
   const form = new FormData();
   form.append("file", file, file.name);
+  let record;
   try {
-    const record = await api("/v1/datasets", {method: "POST", body: form});
-    clearError();
-    useDataset(record);
-    $("#upload-state").textContent = `${file.name}: ready to train.`;
-    await loadDatasets();
-    if (!$("#model-name").value) {
-      $("#model-name").value = file.name.replace(/\.(zip|tar\.gz|tgz)$/i, "").replace(/[^A-Za-z0-9._-]+/g, "-")
-        .replace(/^[^A-Za-z0-9]+/, "").slice(0, 64);
-    }
+    record = await api("/v1/datasets", {method: "POST", body: form});
   } catch (error) {
     $("#upload-state").textContent = `${file.name}: not accepted.`;
     throw error;
   } finally {
     $("#dataset-file").value = "";
+  }
+  clearError();
+  // 202: stored; an ingest worker unpacks and checks it. 200: the same file was uploaded before.
+  if (!(await settleDataset({...record, filename: file.name}))) return;
+  if (!$("#model-name").value) {
+    $("#model-name").value = file.name.replace(/\.(zip|tar\.gz|tgz)$/i, "").replace(/[^A-Za-z0-9._-]+/g, "-")
+      .replace(/^[^A-Za-z0-9]+/, "").slice(0, 64);
   }
 }
 
@@ -556,7 +605,7 @@ function phaseText(job) {
 }
 
 function renderPhases(job) {
-  const names = ["unpack", "features", "head", ...(job.params?.fine_tune ? ["fine-tune"] : []), "evaluate", "save"];
+  const names = ["ingest", "features", "head", ...(job.params?.fine_tune ? ["fine-tune"] : []), "evaluate", "save"];
   const at = job.status === "succeeded" ? names.length : names.indexOf(job.progress?.phase ?? "");
   $("#phases").replaceChildren(...names.map((name, i) => {
     const item = el("li", {text: PHASES[name]});

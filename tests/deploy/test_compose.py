@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MAIN, CPU, SMOKE = "docker-compose.yml", "docker-compose.cpu.yml", "deploy/smoke/compose.smoke.yml"
 KEYS = {"TRAINING_API_KEY": "test-train-key", "PREDICTION_API_KEY": "test-predict-key", "POSTGRES_PASSWORD": "pw"}
-APP_SERVICES = ("api", "worker", "reconciler", "flower")
+APP_SERVICES = ("api", "worker", "ingest", "reconciler", "flower")
 ALL_SERVICES = (*APP_SERVICES, "redis", "postgres")
 SHARED_VOLUMES = {"models": "/var/lib/classifier/models", "datasets": "/var/lib/classifier/data/datasets",
                   "features": "/var/lib/classifier/data/features"}
@@ -100,6 +100,23 @@ def test_worker_reserves_one_nvidia_gpu_and_scales(tmp_path):
     assert worker["command"][worker["command"].index("--concurrency") + 1] == "1"
 
 
+def test_the_ingest_worker_takes_uploads_on_cpus_with_the_datasets_volume_alone(tmp_path):
+    for files in ((MAIN,), (MAIN, CPU), (MAIN, CPU, SMOKE)):
+        services = model(tmp_path, *files, CLASSIFIER_IMAGE="x")["services"]
+        ingest = services["ingest"]
+        command = ingest["command"]
+        assert command[:4] == ["celery", "-A", "training.jobs.worker", "worker"], files
+        assert command[command.index("-Q") + 1] == "ingest", files  # its own queue: a training never holds it back
+        # Its own node name, so its healthcheck's ping reaches it even beside a training worker on one host.
+        assert command[command.index("-n") + 1] == "ingest@%h" and '"ingest@$$(hostname)"' in \
+            ingest["healthcheck"]["test"][1], files
+        assert "deploy" not in ingest or not ingest["deploy"].get("resources"), files  # no GPU
+        assert ingest["image"] == services["api"]["image"], files
+        mounts = {volume["source"]: volume["target"] for volume in ingest["volumes"] if volume["type"] == "volume"}
+        assert mounts == {"datasets": SHARED_VOLUMES["datasets"]}, files
+        assert ingest["depends_on"]["redis"]["condition"] == "service_healthy", files
+
+
 def test_cpu_override_builds_the_cpu_image_without_a_gpu(tmp_path):
     main, cpu = model(tmp_path, MAIN)["services"], model(tmp_path, MAIN, CPU)["services"]
     assert main["api"]["build"]["args"]["TENSORFLOW"] == "tensorflow[and-cuda]==2.21.0"
@@ -157,7 +174,8 @@ def test_every_service_has_a_healthcheck_restart_policy_and_ordered_start(files,
     for name in ("api", "worker", "reconciler"):
         needs = services[name]["depends_on"]
         assert needs["redis"]["condition"] == needs["postgres"]["condition"] == "service_healthy", name
-    assert services["flower"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name in ("flower", "ingest"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
 
 
 def test_published_ports_default_to_loopback(tmp_path):
@@ -165,7 +183,7 @@ def test_published_ports_default_to_loopback(tmp_path):
     api_ports = [(port["host_ip"], port["published"], port["target"]) for port in services["api"]["ports"]]
     assert api_ports == [("127.0.0.1", "8000", 8000)]
     assert [p["host_ip"] for p in services["flower"]["ports"]] == ["127.0.0.1"]
-    for name in ("worker", "reconciler", "redis", "postgres"):
+    for name in ("worker", "ingest", "reconciler", "redis", "postgres"):
         assert not services[name].get("ports"), name
     opened = model(tmp_path, MAIN, API_BIND="0.0.0.0", API_PORT="80")["services"]["api"]["ports"][0]
     assert (opened["host_ip"], opened["published"]) == ("0.0.0.0", "80")

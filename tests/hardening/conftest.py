@@ -1,4 +1,5 @@
-"""Hardening fixtures: a trained model, a service inside a sentinel folder, and the tally of bad inputs.
+"""Hardening fixtures: a trained model, a service inside a sentinel folder with its ingest worker, and the tally of
+bad inputs.
 
 The tally counts every hostile input sent (corpus cases, fuzz examples, schemathesis calls)
 and, when the session ends, writes the `bad_inputs` reliability record (bench/reliability.py)
@@ -7,11 +8,13 @@ listing any that got an unexpected answer; the tests fail on those as well.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import stat
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +25,8 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from bench.reliability import record
 from service import create_app, extensions
 from tests.hardening import corpus
-from training.ingest import IngestLimits
+from tests.training.jobs.helpers import start_ingest_worker, stop_worker
+from training.data.dataset import IngestLimits
 from training.options import parse_options
 from training.pipeline import train
 from training.settings import Settings
@@ -170,9 +174,22 @@ def sentinel(tmp_path_factory, trained_models) -> Sentinel:
     return make_sentinel(tmp_path_factory.mktemp("sentinel"), trained_models)
 
 
+@contextlib.contextmanager
+def ingest_worker(settings: Settings, log_file: Path) -> Iterator[None]:
+    """A real Celery ingest worker for a service under test: its settings and limits, its embedded broker."""
+    worker = start_ingest_worker(settings, None, log_file, env=service_env(settings))
+    try:
+        yield
+    finally:
+        stop_worker(worker)
+    assert worker.returncode == 0, log_file.read_text(errors="replace")[-3000:]
+
+
 @pytest.fixture(scope="session")
-def app(sentinel):
-    """The service in-process, with both keys, small limits and the embedded broker under its data folder."""
+def app(sentinel, tmp_path_factory):
+    """The service in-process, with both keys, small limits, the embedded broker under its data folder and an
+    ingest worker on it (its log outside the sentinel folder, which must not change)."""
     app = create_app({"SETTINGS": sentinel.settings, "TESTING": True})
-    yield app
+    with ingest_worker(sentinel.settings, tmp_path_factory.mktemp("ingest-log") / "ingest.log"):
+        yield app
     extensions.close(app)

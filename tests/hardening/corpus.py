@@ -62,10 +62,11 @@ DOCUMENTED = {"images": PredictionsSchema, "archives": DatasetSchema}
 class Expect:
     """What the service must answer.
 
-    `says` is a substring of the error message (any answer but 2xx). For a 2xx archive
-    upload, `classes` is the exact class → count report, each `skipped` (path, reason
-    substring) must be listed, and `conflicts` is the number of images under two labels.
-    `error` is the library's error type (None: the library accepts the input).
+    `says` is a substring of the error message (any answer but 2xx, or the `error` of a dataset
+    that ends failed). An archive upload accepted at once (202) ends as `dataset` (`ready` or
+    `failed`) once the ingest worker ran; when ready, `classes` is the exact class → count report,
+    each `skipped` (path, reason substring) must be listed, and `conflicts` is the number of images
+    under two labels. `error` is the library's error type (None: the library accepts the input).
     """
 
     status: int
@@ -74,6 +75,7 @@ class Expect:
     classes: dict[str, int] | None = None
     skipped: tuple[tuple[str, str], ...] = ()
     conflicts: int = 0
+    dataset: str | None = None
 
     @property
     def code(self) -> str:
@@ -130,8 +132,23 @@ def check_answer(case: Case, status: int, body: bytes) -> list[str]:
         # The answer as the OpenAPI document describes it (unknown keys allowed, as the document does).
         errors = DOCUMENTED[case.category](unknown=INCLUDE).validate(answer)
         problems += [f"answer does not match its schema: {errors}"[:300]] if errors else []
-        problems += check_report(case, answer) if case.category == "archives" else []
+        if case.category == "archives" and answer.get("status") not in ("queued", "ingesting"):
+            problems.append(f"an upload answered with status {answer.get('status')!r}, expected queued")
     return problems
+
+
+def check_dataset(case: Case, record: dict) -> list[str]:
+    """What is wrong with the dataset record an accepted upload ended with once the ingest worker ran."""
+    expect = case.expect
+    errors = DatasetSchema(unknown=INCLUDE).validate(record)
+    problems = [f"record does not match its schema: {errors}"[:300]] if errors else []
+    if record.get("status") != expect.dataset:
+        return [*problems, f"dataset {record.get('status')} ({record.get('error')}), expected {expect.dataset}"[:400]]
+    if expect.dataset == "failed":
+        if expect.says.lower() not in (record.get("error") or "").lower():
+            problems.append(f"error {record.get('error')!r} does not say {expect.says!r}")
+        return problems
+    return problems + check_report(case, record)
 
 
 def check_report(case: Case, report: dict) -> list[str]:
@@ -414,25 +431,33 @@ def repeated_block(size: int, seed: int) -> bytes:
 
 @cache
 def archive_cases() -> list[Case]:
-    """Archives sent to POST /v1/datasets: unsafe entries skipped with reasons, bombs and bad layouts refused."""
+    """Archives sent to POST /v1/datasets: unsafe entries skipped with reasons, bombs and bad layouts refused
+    (by the ingest worker: the dataset ends failed, saying why), what is not an archive refused at once."""
     mib = 2**20
 
     def accepted(name: str, data: bytes, classes: dict[str, int] | None = None,
                  skipped: tuple[tuple[str, str], ...] = (), conflicts: int = 0) -> Case:
-        return Case("archives", name, data, Expect(201, classes=classes or GOOD, skipped=skipped,
-                                                   conflicts=conflicts))
+        return Case("archives", name, data, Expect(202, classes=classes or GOOD, skipped=skipped,
+                                                   conflicts=conflicts, dataset="ready"))
 
     def refused(name: str, data: bytes, says: str, error: type[TrainingError] = ArchiveError) -> Case:
-        return Case("archives", name, data, Expect(400, says, error))
+        """Stored at once (it starts like an archive), then failed by the ingest worker, saying why."""
+        return Case("archives", name, data, Expect(202, says, error, dataset="failed"))
+
+    def refused_at_upload(name: str, data: bytes, says: str) -> Case:
+        """Not an archive at all: refused by the upload itself, before anything is stored or queued."""
+        return Case("archives", name, data, Expect(400, says, ArchiveError))
 
     def unsafe(name: str) -> tuple[str, str]:
         return name, "unsafe path"
 
     png = encode(noise(16, 99), "PNG")
-    # From the unpack folder (<data>/datasets/.staging-*/data), 4 levels up leaves the data folder, 5 the
+    # From the unpack folder (<data>/datasets/<id>/.staging-*/data), 5 levels up leaves the data folder, 6 the
     # sentinel folder around it; UP reaches /. Each name is listed as skipped and written nowhere.
-    climbs = ["../" + EVIL, "../" * 4 + EVIL, "../" * 5 + EVIL, UP + "tmp/" + EVIL, "cats/" + "../" * 5 + EVIL]
-    windows = ["..\\" * 5 + EVIL, "cats\\..\\..\\..\\..\\..\\" + EVIL]
+    climbs = ["../" + EVIL, "../" * 4 + EVIL, "../" * 5 + EVIL, "../" * 6 + EVIL, UP + "tmp/" + EVIL,
+              "cats/" + "../" * 5 + EVIL, "cats/" + "../" * 6 + EVIL]
+    windows = ["..\\" * 5 + EVIL, "..\\" * 6 + EVIL, "cats\\..\\..\\..\\..\\..\\" + EVIL,
+               "cats\\" + "..\\" * 6 + EVIL]
     absolute = ["/tmp/" + EVIL, "C:\\Windows\\" + EVIL, "c:/" + EVIL, "//server/share/" + EVIL]
     stored_files = class_images({"cats": 6, "dogs": 5}, 20)
     stored = archive_zip(stored_files, zipfile.ZIP_STORED)
@@ -511,12 +536,12 @@ def archive_cases() -> list[Case]:
         accepted("duplicate-names.zip", archive_zip([*good(23).items(), ("cats/00.png", png)]),
                  skipped=(("cats/00.png", "name clashes"),)),
         # The message names the formats that are accepted (.zip, .tar.gz), in-process and through ingest alike.
-        refused("garbage.zip", np.random.default_rng(24).bytes(4096), ".tar.gz"),
+        refused_at_upload("garbage.zip", np.random.default_rng(24).bytes(4096), ".tar.gz"),
         refused("truncated.zip", archive_zip(good(25))[:3000], "truncated or corrupt"),
         refused("truncated.tar.gz", archive_tar(good(26))[:3000], "truncated or corrupt"),
         refused("gzip-not-tar.tar.gz", gzip.compress(b"just some text, not a tar" * 100), "truncated or corrupt"),
-        refused("png-not-archive.zip", png, ".tar.gz"),
-        refused("empty-file.zip", b"", ".tar.gz"),
+        refused_at_upload("png-not-archive.zip", png, ".tar.gz"),
+        refused_at_upload("empty-file.zip", b"", ".tar.gz"),
     ]
     return [with_request(case) for case in cases]
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import http.client
 import io
+import json
 import time
+from collections.abc import Callable
 
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
@@ -82,3 +84,18 @@ def wait_until_up(host: str, port: int, process, deadline_s: float = 90) -> None
         if process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"the server did not come up (exit code {process.poll()})")
         time.sleep(0.2)
+
+
+def follow_dataset(send: Callable[[Request], tuple[int, bytes]], record: dict, timeout_s: float = 60) -> dict:
+    """GET an uploaded dataset's URL through `send` until the ingest worker ended it (ready or failed)."""
+    deadline = time.monotonic() + timeout_s
+    while record.get("status") in ("queued", "ingesting"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"dataset {record['id']} still {record['status']} after {timeout_s:.0f} s: "
+                                 "is the ingest worker running?")
+        time.sleep(0.05)
+        status, body = send(Request("GET", record["url"]))
+        if status != 200:
+            raise AssertionError(f"GET {record['url']} answered {status}: {body[:300]!r}")
+        record = json.loads(body)
+    return record

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from tests.hardening import corpus
 from tests.hardening.conftest import limits
+from training.data.ingest import ingest
 from training.errors import TrainingError
 from training.images import preprocess_image
-from training.ingest import ingest
 
 MAX_SECONDS = 5.0  # one decode or one ingest of these small inputs; far above what any takes
 MAX_RSS_GROWTH_MB = 600

@@ -1,9 +1,10 @@
 """Malformed, oversized and unauthorised requests, in-process; then the whole corpus through a real gunicorn.
 
 The gunicorn pass is the "process stays healthy" check: two workers, every corpus case
-sent over real sockets (chunked bodies included), and afterwards /healthz answers, a
-normal prediction works, the worker processes are the same ones as before (none crashed
-or was replaced), and nothing was written outside the data folder.
+sent over real sockets (chunked bodies included), each accepted archive followed over HTTP
+until its ingest worker ended it, and afterwards /healthz answers, a normal prediction works,
+the worker processes are the same ones as before (none crashed or was replaced), and nothing
+was written outside the data folder.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.hardening import corpus
-from tests.hardening.conftest import make_sentinel, service_env, victim_digest
+from tests.hardening.conftest import ingest_worker, make_sentinel, service_env, victim_digest
 from tests.hardening.send import send_http, send_wsgi, wait_until_up
-from tests.hardening.test_hostile_archives import left_behind
+from tests.hardening.test_hostile_archives import ingested, left_behind, stored_problems
 from tests.live import GUNICORN, ROOT, child_pids, free_port, stop
 
 HOST = "127.0.0.1"
@@ -34,7 +36,7 @@ def test_request_in_process(app, tally, case):
 
 @pytest.fixture
 def gunicorn(tmp_path, trained_models):
-    """gunicorn with two workers over a sentinel folder, on a free loopback port."""
+    """gunicorn with two workers over a sentinel folder, on a free loopback port, and an ingest worker."""
     sentinel = make_sentinel(tmp_path / "sentinel", trained_models)
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
@@ -45,8 +47,9 @@ def gunicorn(tmp_path, trained_models):
         process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until_up(HOST, port, process)
-        yield port, process, sentinel, log_path
+        with ingest_worker(sentinel.settings, tmp_path / "ingest.log"):
+            wait_until_up(HOST, port, process)
+            yield port, process, sentinel, log_path
     finally:
         stop(process)
 
@@ -77,13 +80,16 @@ def test_whole_corpus_through_gunicorn(gunicorn, tally):
     before, digest = sentinel.snapshot(), victim_digest()
 
     unexpected = []
+    send = partial(send_http, HOST, port)
     for case in corpus.all_cases():
         try:
-            status, body = send_http(HOST, port, case.request)
+            status, body = send(case.request)
         except OSError as exc:
             problems = [f"no answer: {exc!r}"]
         else:
-            problems = corpus.check_answer(case, status, body)
+            problems, record = ingested(send, case, status, body) if case.category == "archives" else \
+                (corpus.check_answer(case, status, body), None)
+            problems += stored_problems(sentinel.data_dir / "datasets", record)
         tally.add(f"{case.category}/gunicorn", problems, case.id)
         unexpected += [f"{case.id}: {problem}" for problem in problems]
 

@@ -24,7 +24,7 @@ from bench.reliability import record
 from tests.live import GUNICORN, ROOT, flush_redis, free_port, postgres_schema, server_env, wait_healthy
 from tests.service.conftest import digit_pngs, trained_settings  # noqa: F401  (fixtures used here)
 from tests.service.test_faults import Api as FaultsApi
-from tests.training.jobs.helpers import start_worker, stop_worker, worker_env
+from tests.training.jobs.helpers import start_ingest_worker, start_worker, stop_worker, worker_env
 from training.settings import Settings
 
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -172,13 +172,15 @@ class Gunicorn(FaultsApi):
 
 @dataclasses.dataclass
 class Stack:
-    """A live training stack: the API under gunicorn, Celery workers and a broker, over one store and job DB."""
+    """A live training stack as the Procfile starts it: the API under gunicorn, Celery training workers, an ingest
+    worker, the reconciler and a broker, over one store and job DB."""
 
     settings: Settings
     folder: Path
     api: Gunicorn
     workers: list = dataclasses.field(default_factory=list)
     reconciler: subprocess.Popen | None = None
+    ingest: subprocess.Popen | None = None
 
     def start_reconciler(self) -> subprocess.Popen:
         """`python -m training.jobs reconcile --every N` as the Procfile runs it, with a short lost-message age."""
@@ -198,14 +200,32 @@ class Stack:
         self.workers.append(worker)
         return worker
 
+    def start_ingest_worker(self) -> subprocess.Popen:
+        log = self.folder / "ingest.log"
+        self.ingest = start_ingest_worker(self.settings, self.settings.celery_broker_url, log)
+        self.ingest.log_path = log
+        return self.ingest
+
+    def upload(self, archive: bytes, timeout: float = 60) -> str:
+        """Upload a dataset and wait until the ingest worker made it ready (so no ingest message is in flight)."""
+        dataset_id = self.api.upload(archive)
+        deadline = time.monotonic() + timeout
+        while (record := self.api.json(f"/v1/datasets/{dataset_id}")[1])["status"] != "ready":
+            if record["status"] == "failed" or time.monotonic() > deadline:
+                pytest.fail(f"dataset {dataset_id} {record['status']}: {record.get('error')}\n{self.worker_logs()}",
+                            pytrace=False)
+            time.sleep(0.2)
+        return dataset_id
+
     def worker_logs(self) -> str:
-        processes = [*self.workers, *([self.reconciler] if self.reconciler else [])]
+        processes = [*self.workers, *([self.ingest] if self.ingest else []),
+                     *([self.reconciler] if self.reconciler else [])]
         return "\n".join(f"--- {p.log_path.name}\n{p.log_path.read_text(errors='replace')[-2500:]}"
                          for p in processes)
 
     def alive(self) -> bool:
-        """Whether the API, every worker not killed on purpose and the reconciler still run."""
-        return (self.api.process.poll() is None and self.reconciler.poll() is None
+        """Whether the API, every worker not killed on purpose, the ingest worker and the reconciler still run."""
+        return (self.api.process.poll() is None and self.reconciler.poll() is None and self.ingest.poll() is None
                 and all(worker.poll() is None for worker in self.workers if not getattr(worker, "killed", False)))
 
     def train(self, model: str, dataset: str, **params) -> str:
@@ -241,14 +261,15 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.reconciler.kill()
                 self.reconciler.wait(10)
-        for worker in self.workers:
+        for worker in [*self.workers, *([self.ingest] if self.ingest else [])]:
             stop_worker(worker)
         self.api.stop()
 
 
 @pytest.fixture
 def live_stack(tmp_path):
-    """Start a live stack (API, workers, reconciler): `live_stack(broker_url, model_dir=None)`; stopped afterwards."""
+    """Start a live stack (API, workers, ingest worker, reconciler): `live_stack(broker_url, model_dir=None)`;
+    stopped afterwards."""
     stacks: list[Stack] = []
     schemas = contextlib.ExitStack()
 
@@ -267,6 +288,7 @@ def live_stack(tmp_path):
         stack.api.start()
         for _ in range(workers):
             stack.start_worker()
+        stack.start_ingest_worker()
         stack.start_reconciler()
         return stack
 

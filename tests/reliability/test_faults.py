@@ -137,7 +137,7 @@ def test_worker_sigkilled_mid_training(live_stack, fault_log, tmp_path):
     with fault_log.check("worker SIGKILLed mid-training") as outcome:
         stack = live_stack(flush_shared_redis())
         store = ModelStore(stack.settings.model_dir)
-        dataset = stack.api.upload(digits_zip(tmp_path, per_class=40, classes=10))
+        dataset = stack.upload(digits_zip(tmp_path, per_class=40, classes=10))
         job_id = stack.train("digits", dataset, **LONG_JOB)
         deadline = time.monotonic() + 120
         while (job := stack.job(job_id))["progress"] is None or job["progress"]["phase"] != "head":
@@ -168,7 +168,7 @@ def test_redis_restarted_with_jobs_queued(appendonly, own_redis, live_stack, fau
     with fault_log.check(name) as outcome:
         redis_server = own_redis(appendonly)
         stack = live_stack(redis_server.url)
-        dataset = stack.api.upload(digits_zip(tmp_path))
+        dataset = stack.upload(digits_zip(tmp_path))
         running = stack.train("first", dataset, **{**LONG_JOB, "epochs": 150, "patience": 150})
         stack.wait([running], wanted=("running",), timeout=120)
         queued = [stack.train(model, dataset, **SHORT_JOB) for model in ("second", "third")]
@@ -220,7 +220,8 @@ def test_reconciler_lives_through_a_long_broker_outage(own_redis, live_stack, fa
     with fault_log.check("broker down longer than a reconciler round") as outcome:
         redis_server = own_redis(appendonly=True, start=False)  # its port is known; it starts later
         stack = live_stack(redis_server.url, workers=0)
-        dataset = stack.api.upload(digits_zip(tmp_path))
+        # Stored, queued for ingest, its message not sent: 503, and so is the train request (the job recorded).
+        dataset = stack.api.upload(digits_zip(tmp_path), statuses=(503,))
         status, answer = stack.api.json("/v1/models/digits/train", {"dataset": dataset, **SHORT_JOB}, "POST")
         assert status == 503, answer  # recorded as queued, its message not sent
         # A round that cannot reach the broker fails after its retries (several seconds); it must be
@@ -238,16 +239,18 @@ def test_reconciler_lives_through_a_long_broker_outage(own_redis, live_stack, fa
         (done,) = stack.wait([listing["jobs"][0]["id"]], timeout=180)
         assert done["status"] == "succeeded" and done["attempts"] == 1, done
         assert ModelStore(stack.settings.model_dir).versions("digits") == [1]
+        assert stack.api.json(f"/v1/datasets/{dataset}")[1]["status"] == "ready"
         assert stack.alive(), stack.worker_logs()
-        outcome["detail"] = (f"Redis absent while a job waited: {failed} reconciler rounds failed, were logged and "
-                             "retried; once Redis started the job was sent, ran once and succeeded")
+        outcome["detail"] = (f"Redis absent while a dataset was uploaded and a job waited: {failed} reconciler "
+                             "rounds failed, were logged and retried; once Redis started the dataset was ingested "
+                             "and the job sent, ran once and succeeded")
 
 
 @pytest.mark.long
 def test_api_restarted_during_a_job(live_stack, fault_log, tmp_path, digit_pngs):
     with fault_log.check("API killed and restarted during a job") as outcome:
         stack = live_stack(flush_shared_redis())
-        dataset = stack.api.upload(digits_zip(tmp_path, per_class=40, classes=10))
+        dataset = stack.upload(digits_zip(tmp_path, per_class=40, classes=10))
         job_id = stack.train("digits", dataset, **{**LONG_JOB, "epochs": 60, "patience": 60})
         stack.wait([job_id], wanted=("running",), timeout=120)
         stack.api.stop(kill=True)  # SIGKILL to the gunicorn master; its workers go with the process group
@@ -269,7 +272,7 @@ def test_disk_full_while_saving_a_version(live_stack, small_disk, fault_log, tmp
     with fault_log.check("disk full while saving a version") as outcome:
         disk = small_disk(4096)
         stack = live_stack(flush_shared_redis(), model_dir=disk)
-        dataset = stack.api.upload(digits_zip(tmp_path))
+        dataset = stack.upload(digits_zip(tmp_path))
         filler = fill_disk(disk, LEAVE_BYTES)
         (failed,) = stack.wait([stack.train("digits", dataset, **SHORT_JOB)], timeout=180)
         assert failed["status"] == "failed", failed

@@ -1,7 +1,7 @@
-"""Datasets and training jobs over HTTP, with a real Redis broker and a real Celery worker process.
+"""Datasets and training jobs over HTTP, with a real Redis broker and real Celery worker processes (ingest, training).
 
 Needs Redis at redis://127.0.0.1:6379/14 (flushed at the start); the tests fail, never skip,
-when it does not answer. Tests run in file order: the cancel test runs before the worker starts.
+when it does not answer. Tests run in file order: the cancel test runs before the training worker starts.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ import redis
 
 from service import create_app, extensions
 from tests.live import ROOT, zip_folder
+from tests.training.jobs.helpers import start_ingest_worker, stop_worker
 from training.demo import write_digits_dataset
 from training.jobs.records import JobStore
 from training.settings import Settings
@@ -101,6 +103,16 @@ def worker(job_settings, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def ingest_worker(job_settings, tmp_path_factory):
+    """The real Celery ingest worker (`-Q ingest`), on the same Redis and dataset store."""
+    log = tmp_path_factory.mktemp("ingest") / "ingest.log"
+    process = start_ingest_worker(job_settings, REDIS_URL, log)
+    yield process
+    stop_worker(process)
+    sys.stderr.write(log.read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("upload") / "digits"
     write_digits_dataset(root, image_size=32, per_class=8, classes=3)
@@ -116,10 +128,22 @@ def upload(client, data: bytes, name: str = "digits.zip"):
     return client.post("/v1/datasets", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data")
 
 
+def wait_dataset(client, record: dict, timeout: float = 60) -> dict:
+    """Follow an uploaded dataset's URL until its ingest ended (ready or failed)."""
+    deadline = time.monotonic() + timeout
+    while record["status"] in ("queued", "ingesting"):
+        assert time.monotonic() < deadline, f"dataset {record['id']} still {record['status']} after {timeout} s"
+        time.sleep(0.1)
+        record = client.get(record["url"]).get_json()
+    return record
+
+
 @pytest.fixture(scope="module")
-def dataset_id(japp, digits_zip) -> str:
-    response = upload(japp.test_client(), digits_zip)
-    assert response.status_code in (200, 201), response.get_json()
+def dataset_id(japp, digits_zip, ingest_worker) -> str:
+    client = japp.test_client()
+    response = upload(client, digits_zip)
+    assert response.status_code in (200, 202), response.get_json()
+    assert wait_dataset(client, response.get_json())["status"] == "ready"
     return response.get_json()["id"]
 
 
@@ -140,36 +164,72 @@ def wait_final(client, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
     raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
 
 
-def test_upload_dataset_reports_counts_and_is_kept_once(jclient, digits, digits_zip):
+def test_upload_answers_202_at_once_and_the_ingest_worker_reports_counts(jclient, digits, digits_zip, ingest_worker):
     first = upload(jclient, digits_zip)
-    assert first.status_code == 201, first.get_json()
+    assert first.status_code == 202, first.get_json()
     record = first.get_json()
+    assert record["status"] in ("queued", "ingesting") and record["existing"] is False
+    assert record["url"] == first.headers["Location"] == f"/v1/datasets/{record['id']}"
+
+    ready = wait_dataset(jclient, record)
     labels = sorted(folder.name for folder in digits.iterdir())
-    assert record["classes"] == {label: 8 for label in labels}
-    assert record["images"] == 24 and record["skipped"] == [] and record["existing"] is False
-    assert first.headers["Location"] == f"/v1/datasets/{record['id']}"
+    assert ready["status"] == "ready" and ready["error"] is None, ready
+    assert ready["classes"] == {label: 8 for label in labels}
+    assert ready["images"] == 24 and ready["skipped"] == [] and ready["warnings"]
 
     again = upload(jclient, digits_zip, "same.zip")
-    assert again.status_code == 200
-    assert again.get_json()["id"] == record["id"] and again.get_json()["existing"] is True
+    assert again.status_code == 200 and again.headers["Location"] == record["url"]
+    assert again.get_json() == {**ready, "existing": True}  # the record as it is now: ingested once
 
-    assert jclient.get(f"/v1/datasets/{record['id']}").get_json()["classes"] == record["classes"]
     assert record["id"] in [d["id"] for d in jclient.get("/v1/datasets").get_json()["datasets"]]
     assert_error(jclient.get("/v1/datasets/0123456789abcdef"), 404, "0123456789abcdef")
     assert_error(jclient.get("/v1/datasets/not-hex"), 400, "dataset_id")
 
 
-def test_upload_refuses_bad_archives(jclient, digits, tmp_path):
-    assert_error(upload(jclient, b"this is not an archive at all"), 400)
+def test_a_dataset_that_cannot_be_trained_on_ends_failed_and_train_refuses_it(jclient, digits, tmp_path,
+                                                                               ingest_worker):
+    assert_error(upload(jclient, b"this is not an archive at all"), 400, "'digits.zip' does not start like one")
     one = tmp_path / "one"
     label = sorted(folder.name for folder in digits.iterdir())[0]
     (one / label).mkdir(parents=True)
     for path in sorted((digits / label).iterdir()):
         (one / label / path.name).write_bytes(path.read_bytes())
-    assert_error(upload(jclient, zip_folder(one)), 400, "2 classes", label)
+    accepted = upload(jclient, zip_folder(one))
+    assert accepted.status_code == 202, accepted.get_json()
+
+    failed = wait_dataset(jclient, accepted.get_json())
+    assert failed["status"] == "failed" and "classes" not in failed
+    assert "at least 2 classes" in failed["error"] and label in failed["error"]
+    assert_error(jclient.post("/v1/models/one/train", json={"dataset": failed["id"]}), 400,
+                 f"dataset {failed['id']} cannot be trained on", "at least 2 classes")
+    assert_error(jclient.post("/v1/models/one/train", content_type="multipart/form-data",
+                              data={"file": (io.BytesIO(zip_folder(one)), "one.zip")}), 400, "at least 2 classes")
+    assert jobs_of(jclient, "one") == []
     assert_error(jclient.post("/v1/datasets", data={"other": "x"}, content_type="multipart/form-data"), 400, "file")
     assert_error(jclient.post("/v1/datasets"), 400, "file")
     assert_error(jclient.post("/v1/datasets", json={"file": "x"}), 415)
+
+
+def test_an_upload_with_the_broker_down_is_stored_queued_and_sent_when_uploaded_again(jclient, digits, tmp_path,
+                                                                                      monkeypatch, ingest_worker):
+    class DeadBroker(StandInBroker):
+        def send_task(self, *args, **kwargs):
+            raise ConnectionRefusedError("Error 111 connecting to redis:6379")
+
+    buffer = io.BytesIO(zip_folder(digits))
+    with zipfile.ZipFile(buffer, "a") as bundle:
+        bundle.comment = b"other bytes, the same images: a dataset of its own"
+    archive = buffer.getvalue()
+    with monkeypatch.context() as patch:
+        patch.setattr("service.api.datasets.get_celery", DeadBroker)
+        down = upload(jclient, archive)
+    assert_error(down, 503, "queued", "ingest queue", "reconciler", "uploading the same file again")
+    assert down.headers["Retry-After"] and down.headers["Location"].startswith("/v1/datasets/")
+    assert jclient.get(down.headers["Location"]).get_json()["status"] == "queued"
+
+    back = upload(jclient, archive)  # the real broker
+    assert back.status_code == 200 and back.get_json()["existing"] is True
+    assert wait_dataset(jclient, back.get_json())["status"] == "ready"
 
 
 def test_bad_train_requests_are_refused_before_a_job_exists(jclient, dataset_id):
@@ -387,6 +447,42 @@ def test_training_jobs_run_on_a_real_worker_then_serve(jclient, dataset_id, digi
     assert event == "event: job"
     final = json.loads(data.removeprefix("data: "))
     assert final["id"] == job["id"] and final["status"] == "succeeded" and final["result"]["version"] == 1
+
+
+def test_the_web_process_never_decodes_dataset_images(jclient, digits, tmp_path, monkeypatch, ingest_worker, worker):
+    worker()
+    sent = []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the web process decoded a dataset image")
+
+    # Every way this process could decode an image fails the request (a 500); the workers are other processes.
+    for name in ("training.images.decode_image", "training.images.preprocess_image",
+                 "training.data.ingest.decode_image", "PIL.Image.open"):
+        monkeypatch.setattr(name, refuse)
+    monkeypatch.setattr("training.jobs.app.enqueue_ingest", lambda app, dataset_id: sent.append(dataset_id))
+    uploaded, attached = (tmp_path / "uploaded", tmp_path / "attached")
+    for folder, count in ((uploaded, 6), (attached, 7)):  # two new datasets, never seen by this module
+        for label in sorted(path.name for path in digits.iterdir()):
+            (folder / label).mkdir(parents=True)
+            for path in sorted((digits / label).iterdir())[:count]:
+                (folder / label / path.name).write_bytes(path.read_bytes())
+
+    stored = upload(jclient, zip_folder(uploaded))
+    assert stored.status_code == 202 and sent == [stored.get_json()["id"]], stored.get_json()
+    form = {key: str(value) for key, value in TRAIN_OPTIONS.items()}
+    trained = jclient.post("/v1/models/undecoded/train", content_type="multipart/form-data",
+                           data={"file": (io.BytesIO(zip_folder(attached)), "attached.zip"), **form})
+    assert trained.status_code == 202, trained.get_json()
+    dataset = trained.get_json()["dataset"]
+    assert dataset["status"] == "queued" and dataset["existing"] is False
+    assert sent == [stored.get_json()["id"]]  # no ingest message for the attached archive: the job ingests it
+
+    done = wait_final(jclient, trained.get_json()["job"]["id"])
+    assert done["status"] == "succeeded", done
+    ready = jclient.get(dataset["url"]).get_json()
+    assert ready["status"] == "ready" and ready["classes"] == {label: 7 for label in ready["classes"]}
+    assert len(ready["classes"]) == 3
 
 
 def test_event_stream_sends_changes_keepalives_and_ends():

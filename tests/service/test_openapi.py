@@ -29,6 +29,12 @@ def test_openapi_json_is_valid_openapi_3_listing_the_endpoints(client):
     assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     assert {p["name"] for p in predict["parameters"] if p["in"] == "query"} == {"top_k", "version"}
     assert {"200", "400", "404", "413", "415", "503"} <= set(predict["responses"])
+    upload = paths["/v1/datasets"]["post"]
+    assert {"202", "200", "400", "413", "415", "503"} <= set(upload["responses"]) and "201" not in upload["responses"]
+    dataset = spec["components"]["schemas"]["Dataset"]
+    assert set(dataset["required"]) == {"id", "status"}  # the report comes later, once the ingest worker ran
+    assert dataset["properties"]["status"]["enum"] == ["queued", "ingesting", "ready", "failed"]
+    assert {"error", "classes", "images", "skipped", "url"} <= set(dataset["properties"])
     assert paths["/healthz"]["get"]["security"] == []
     assert {"bearer", "apiKey"} == set(spec["components"]["securitySchemes"])
 

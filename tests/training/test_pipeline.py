@@ -29,7 +29,7 @@ def test_digits_end_to_end_reaches_85_percent(digits_dir, settings):
     assert result.features_computed == result.dataset["images"] == 1797
     assert result.dataset["val_images"] == pytest.approx(1797 * 0.2, abs=1)
     phases = [r.phase for r in reports]
-    for phase in ("unpack", "features", "head", "evaluate", "save"):
+    for phase in ("ingest", "features", "head", "evaluate", "save"):
         assert phase in phases
     assert phases.index("features") < phases.index("head") < phases.index("evaluate") < phases.index("save")
 
@@ -102,7 +102,7 @@ def test_cancel_during_features_writes_nothing(small_digits_dir, settings):
     done = [r.current for r in reports if r.phase == "features"]
     assert max(done) == 8  # stopped after one batch of eight
     assert ModelStore(settings.model_dir).versions("stopped") == []
-    assert not list((settings.data_dir / "tmp").iterdir())  # unpack folder removed
+    assert not list((settings.data_dir / "tmp").iterdir())  # the work folder (unpacked archive) removed
 
 
 def test_cancel_during_head_training_writes_nothing(small_digits_dir, settings):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from training.data.ingest import ingest
 from training.evaluate import evaluate
 from training.features import FeatureCache, extract_features
 from training.images import preprocess_image
-from training.ingest import ingest
 from training.options import parse_options
 from training.pipeline import split_indices, train
 from training.predict import backbone_for, file_probabilities, load_version

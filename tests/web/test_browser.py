@@ -1,11 +1,12 @@
 """The web page in a real browser over the real service: Debian's Chromium driven by Playwright, headless.
 
-A real gunicorn serves the app (with API keys), a real Celery worker trains on Redis database 12
-(flushed at the start). The test types the key, uploads a tiny digits dataset, watches the job to
-the end, predicts, trains a second version, rolls back, compares the two versions, and checks that
-the API's error messages reach the page. Any console error or page error fails it, except the
-"Failed to load resource" lines of the requests the error steps make fail on purpose. Screenshots
-(desktop 1280x800, phone 390x844) go to test-artifacts/screenshots/.
+A real gunicorn serves the app (with API keys), a real Celery ingest worker checks uploads and a
+real Celery worker trains, on Redis database 12 (flushed at the start). The test types the key,
+uploads a tiny digits dataset and waits for its report, watches the job to the end, predicts, trains
+a second version, rolls back, compares the two versions, and checks that the API's error messages
+(an upload refused at once, a dataset the ingest worker failed) reach the page. Any console error or
+page error fails it, except the "Failed to load resource" lines of the requests the error steps make
+fail on purpose. Screenshots (desktop 1280x800, phone 390x844) go to test-artifacts/screenshots/.
 
 Needs /usr/bin/chromium (`apt-get install chromium`) and Redis at 127.0.0.1:6379: it fails, never
 skips, without them.
@@ -13,6 +14,7 @@ skips, without them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.live import GUNICORN, ROOT, fetch, flush_redis, free_port, multipart, server_env, wait_healthy
-from tests.training.jobs.helpers import start_worker, stop_worker
+from tests.training.jobs.helpers import start_ingest_worker, start_worker, stop_worker
 from training.demo import write_digits_dataset
 from training.settings import Settings
 
@@ -64,7 +66,8 @@ def web_settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture(scope="module")
 def service(web_settings, tmp_path_factory):
-    """A real gunicorn API with keys and a real Celery worker over one store, job DB and Redis database."""
+    """A real gunicorn API with keys, a real Celery training worker and ingest worker over one store, job DB and Redis
+    database."""
     logs = tmp_path_factory.mktemp("web-logs")
     web_settings.data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -76,11 +79,13 @@ def service(web_settings, tmp_path_factory):
     api = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
                            stdout=api_log, stderr=subprocess.STDOUT)
     worker = start_worker(web_settings, REDIS_URL, logs / "worker.log")
+    ingest = start_ingest_worker(web_settings, REDIS_URL, logs / "ingest.log")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, api, logs / "api.log")
         yield base
     finally:
+        stop_worker(ingest)
         stop_worker(worker)
         if api.poll() is None:
             api.terminate()
@@ -90,7 +95,7 @@ def service(web_settings, tmp_path_factory):
                 api.kill()
                 api.wait(10)
         api_log.close()
-        for name in ("api.log", "worker.log"):
+        for name in ("api.log", "worker.log", "ingest.log"):
             print(f"--- {name} (end)\n{(logs / name).read_text(errors='replace')[-2500:]}")
 
 
@@ -111,7 +116,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
-    """The tiny dataset as a zip, three held-out images (one per class), and a file that is not an archive."""
+    """The tiny dataset as a zip, three held-out images (one per class), a file that is not an archive, and a zip
+    of one class (an archive the ingest worker fails)."""
     root = tmp_path_factory.mktemp("web-files")
     held = write_digits_dataset(root / "digits", image_size=32, per_class=12, classes=3, holdout=3)
     archive = root / "digits.zip"
@@ -125,7 +131,12 @@ def files(tmp_path_factory) -> dict:
     not_archive = root / "notes.zip"
     not_archive.write_text("these are notes, not a zip archive\n")
     classes = sorted(p.name for p in (root / "digits").iterdir() if p.is_dir())
-    return {"archive": archive, "images": sorted(held), "not_archive": not_archive, "classes": classes}
+    one_class = root / "ones.zip"
+    with zipfile.ZipFile(one_class, "w") as bundle:
+        for path in sorted((root / "digits" / classes[0]).glob("*.png")):
+            bundle.write(path, f"{classes[0]}/{path.name}")
+    return {"archive": archive, "images": sorted(held), "not_archive": not_archive, "one_class": one_class,
+            "classes": classes}
 
 
 def api_json(base: str, path: str, body: bytes | None = None, content_type: str | None = None) -> dict:
@@ -220,10 +231,11 @@ def test_the_page_trains_predicts_compares_and_reports_errors(service, browser, 
         page.get_by_role("button", name="Use key").click()
         expect(page.get_by_text("No models yet")).to_be_visible()
 
-        # New model: upload the archive, read the ingest report.
+        # New model: upload the archive (202 at once), wait for the ingest worker's report.
         step[0] = "upload"
         page.get_by_role("tab", name="New model").click()
         page.get_by_label("Dataset archive").set_input_files(files["archive"])
+        expect(page.locator("#upload-state")).to_have_text("digits.zip: ready to train.")
         report = page.locator("#dataset-report")
         expect(report).to_contain_text(f"{11 * len(classes)} images in {len(classes)} classes")
         rows = report.locator("table.class-counts tbody tr")
@@ -360,6 +372,17 @@ def test_the_page_trains_predicts_compares_and_reports_errors(service, browser, 
         expect(page.get_by_role("button", name="Start training")).to_be_disabled()
         page.get_by_role("button", name="Dismiss message").click()
         expect(alert).to_be_hidden()
+
+        # An archive accepted at once (202) that the ingest worker fails: its record's error reaches the page.
+        page.get_by_label("Dataset archive").set_input_files(files["one_class"])
+        expect(alert).to_contain_text("ones.zip cannot be trained on: ")
+        dataset_id = hashlib.sha256(files["one_class"].read_bytes()).hexdigest()[:16]
+        failed = api_json(base, f"/v1/datasets/{dataset_id}")
+        assert failed["status"] == "failed" and "at least 2 classes" in failed["error"], failed
+        expect(alert).to_contain_text(failed["error"])
+        expect(page.locator("#upload-state")).to_have_text("ones.zip: not accepted.")
+        expect(page.get_by_role("button", name="Start training")).to_be_disabled()
+        page.get_by_role("button", name="Dismiss message").click()
 
         page.get_by_label("API key").fill("not-the-key")
         page.get_by_role("button", name="Use key").click()

@@ -13,7 +13,8 @@ from rich.console import Console
 
 from training.settings import Settings
 
-RECONCILE_HELP = "requeue training jobs whose worker died; re-send lost messages; kill runs that ignore a cancel"
+RECONCILE_HELP = ("requeue training jobs whose worker died; re-send lost messages and dataset ingests; kill runs "
+                  "that ignore a cancel")
 
 out = Console(soft_wrap=True)
 
@@ -22,7 +23,7 @@ def add_reconcile_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the reconcile command's flags to `parser`."""
     parser.add_argument("--every", type=float, help="repeat every N seconds (default: once)")
     parser.add_argument("--lost-after", type=float, default=600.0, metavar="SECONDS",
-                        help="re-send a queued job's message once the job is this old (default: 600)")
+                        help="re-send a queued job's or dataset's message once it is this old (default: 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 """The reconciler: what no worker can do for itself once it died, froze or lost its message.
 
 Each round requeues running jobs whose heartbeat went stale (a dead worker), re-sends queued jobs
-whose message the broker lost, kills runs still going long after a cancel request, and removes
-the staging folders crashed saves and uploads left. `reconcile_every` repeats rounds for
+whose message the broker lost, kills runs still going long after a cancel request, re-sends the
+ingest of datasets left queued (a lost message) or left ingesting by a process that died, and
+removes the staging folders crashed saves and uploads left. `reconcile_every` repeats rounds for
 `python -m training.jobs reconcile --every N`.
 """
 
@@ -16,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 
-from training.jobs.app import QUEUE, enqueue, make_broker_folders, make_celery
+from training.jobs.app import INGEST_QUEUE, QUEUE, enqueue, enqueue_ingest, make_broker_folders, make_celery
 from training.jobs.records import CANCELLED, QUEUED, JobStore
 from training.settings import Settings
 
@@ -26,19 +27,39 @@ log = logging.getLogger(__name__)
 LEFTOVER_SECONDS = 3600
 
 
-def _queue_size(app: Celery) -> int | None:
-    """Messages waiting in the training queue, or None when the broker cannot say."""
+def _queue_size(app: Celery, queue: str = QUEUE) -> int | None:
+    """Messages waiting in a queue, or None when the broker cannot say."""
     try:
         with app.connection_for_write() as conn:
-            return conn.default_channel.queue_declare(QUEUE, passive=True).message_count
+            return conn.default_channel.queue_declare(queue, passive=True).message_count
     except Exception as exc:  # a missing queue or a transport that cannot count
-        log.warning("could not count the %s queue: %s", QUEUE, exc)
+        log.warning("could not count the %s queue: %s", queue, exc)
         return None
+
+
+def _resend_ingests(settings: Settings, app: Celery, lost_after_seconds: float) -> int:
+    """Re-send the ingest of datasets whose process died mid-ingest or whose message was lost; return how many."""
+    from training.data.store import DatasetStore
+
+    store = DatasetStore.from_settings(settings)
+    abandoned = store.requeue_abandoned()
+    for dataset_id in abandoned:
+        log.warning("dataset %s was left ingesting by a process that died; sent again", dataset_id)
+    # As for jobs: datasets may wait behind a long ingest, so only when the queue holds fewer messages
+    # than datasets wait (a duplicate is harmless, the ingest lock runs it once, but it costs a worker).
+    waiting = store.queued()
+    old = [d for d in store.queued(lost_after_seconds) if d not in abandoned]
+    size = _queue_size(app, INGEST_QUEUE) if old else None
+    if size is not None and size >= len(waiting):
+        old = []
+    for dataset_id in [*abandoned, *old]:
+        enqueue_ingest(app, dataset_id)
+    return len(abandoned) + len(old)
 
 
 def _sweep(settings: Settings) -> int:
     """Remove the staging and removal folders that crashed saves and uploads left; return how many."""
-    from training.datasets import DatasetStore
+    from training.data.store import DatasetStore
     from training.store import ModelStore, sweep_leftovers
 
     swept = ModelStore(settings.model_dir).sweep(LEFTOVER_SECONDS)
@@ -70,14 +91,14 @@ def _kill_overdue_cancels(jobs: JobStore, app: Celery, grace_seconds: float) -> 
 
 def reconcile(settings: Settings, app: Celery, stale_after_seconds: float | None = None,
               lost_after_seconds: float = 600, cancel_grace_seconds: float | None = None) -> dict:
-    """Requeue jobs whose worker died, re-send lost messages, kill runs that ignore a cancel; return counts."""
+    """Requeue jobs whose worker died, re-send lost messages and ingests, kill ignored cancels; return counts."""
     if stale_after_seconds is None:
         stale_after_seconds = settings.job_stale_seconds
     if cancel_grace_seconds is None:
         cancel_grace_seconds = settings.job_cancel_grace_seconds
     make_broker_folders(app)  # the embedded broker's queue is counted below, maybe before anything was sent
     jobs = JobStore.from_settings(settings)
-    counts = {"requeued": 0, "given_up": 0, "resent": 0, "killed": 0, "swept": _sweep(settings)}
+    counts = {"requeued": 0, "given_up": 0, "resent": 0, "killed": 0, "ingests_resent": 0, "swept": _sweep(settings)}
     requeued: set[str] = set()
     try:
         counts["killed"] = _kill_overdue_cancels(jobs, app, cancel_grace_seconds)
@@ -101,6 +122,7 @@ def reconcile(settings: Settings, app: Celery, stale_after_seconds: float | None
             for job in old:
                 enqueue(app, job["id"])
                 counts["resent"] += 1
+        counts["ingests_resent"] = _resend_ingests(settings, app, lost_after_seconds)
     finally:
         jobs.close()
     return counts

@@ -1,5 +1,10 @@
 """One job's run: start it once, train with a heartbeat and cancel checks, record how it ended.
 
+The job trains on its stored dataset as its manifest lists it. A dataset no ingest worker has
+ingested yet (just uploaded, or sent with the train request) is ingested first, as the job's
+`ingest` phase; one being ingested elsewhere is waited for, never ingested twice
+(`DatasetStore.ingest`). A dataset whose ingest failed fails the job with the dataset's message.
+
 `run_job` holds the logic the task calls, and is tested without a broker. Delivery is at least
 once (`task_acks_late`): a redelivered message, or a job enqueued twice by the reconciler, is
 harmless because `JobStore.start` lets only one run start it, and a rerun after a crash finds
@@ -13,14 +18,18 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from training.errors import Cancelled, JobNotFoundError, TrainingError
 from training.jobs.app import SOFT_TIME_LIMIT_S
 from training.jobs.records import JobStore
-from training.progress import EpochHistory
+from training.progress import EpochHistory, Progress, ProgressFn
 from training.settings import Settings
+
+if TYPE_CHECKING:
+    from training.data.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +99,20 @@ def run_job(job_id: str, settings: Settings, worker: str, *, cancel_poll_seconds
         jobs.close()
 
 
+def _stored_dataset(settings: Settings, dataset_id: str, progress: ProgressFn) -> Dataset:
+    """The job's dataset from its manifest, ingested first (phase `ingest`) when no worker has done it yet."""
+    from training.data.store import READY, DatasetStore
+
+    store = DatasetStore.from_settings(settings)
+    if store.trainable(dataset_id)["status"] != READY:
+        progress(Progress("ingest", 0, 1))
+        store.ingest(dataset_id)  # waits for an ingest already under way instead of doing it twice
+        progress(Progress("ingest", 1, 1))
+    return store.dataset(dataset_id)  # DatasetError with the dataset's own message when its ingest failed
+
+
 def _run_started(jobs: JobStore, job: dict, settings: Settings, cancel_poll_seconds: float) -> dict | None:
     """Train a started job and record how it ended."""
-    from training.datasets import DatasetStore
     from training.options import parse_options
     from training.pipeline import train
     from training.store import ModelStore
@@ -111,12 +131,11 @@ def _run_started(jobs: JobStore, job: dict, settings: Settings, cancel_poll_seco
             published = store.apply_publish_policy(job["model"], done, params.publish)
             metrics = store.metadata(job["model"], done).get("metrics", {})
             return jobs.finish(job_id, "succeeded", attempt=attempt, result=_result(done, published, metrics))
-        source = DatasetStore.from_settings(settings).path(job["dataset"])
+        progress = EpochHistory(lambda p: jobs.heartbeat(job_id, p, attempt=attempt))
+        cancel = _Throttled(lambda: jobs.cancel_requested(job_id, attempt), cancel_poll_seconds)
         with _Heartbeat(jobs, job_id, attempt, settings.job_heartbeat_seconds):
-            result = train(source, job["model"], settings, params,
-                           progress=EpochHistory(lambda p: jobs.heartbeat(job_id, p, attempt=attempt)),
-                           cancel=_Throttled(lambda: jobs.cancel_requested(job_id, attempt), cancel_poll_seconds),
-                           job_id=job_id)
+            dataset = _stored_dataset(settings, job["dataset"], progress)
+            result = train(dataset, job["model"], settings, params, progress=progress, cancel=cancel, job_id=job_id)
     except Cancelled:
         log.info("job %s cancelled or superseded (attempt %s)", job_id, attempt)
         return jobs.finish(job_id, "cancelled", attempt=attempt)

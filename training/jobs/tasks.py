@@ -1,7 +1,9 @@
-"""The task a training worker runs, and the set-up of each worker child that runs it.
+"""The tasks the workers run: train a job (the `training` queue) and ingest a dataset (the `ingest` queue).
 
-The task is thin: it takes a job id and calls `run_job`, which re-reads the job. A shared task,
-so every app `make_celery` builds has it once a worker imports this module (the app's `include`).
+Each task is thin: it takes an id and calls the library, which re-reads the record. Shared tasks,
+so every app `make_celery` builds has them once a worker imports this module (the app's `include`).
+Nothing here imports TensorFlow: an ingest worker never does, and a training worker's child
+imports it when its job starts (each child runs one task: `worker_max_tasks_per_child=1`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import os
 import socket
 
 from celery import Task, shared_task
-from celery.signals import worker_process_init
 
-from training.jobs.app import TASK_NAME
+from training.errors import DatasetNotFoundError
+from training.jobs.app import INGEST_TASK_NAME, TASK_NAME
 from training.jobs.runner import run_job
 from training.settings import get_settings
 
@@ -23,14 +25,29 @@ log = logging.getLogger(__name__)
 @shared_task(name=TASK_NAME, bind=True)
 def train_model(self: Task, job_id: str) -> None:
     """Run one training job by id."""
+    _let_gpu_memory_grow()
     worker = f"{self.request.hostname or socket.gethostname()}:{os.getpid()}"
     run_job(job_id, get_settings(), worker)
 
 
-@worker_process_init.connect
-def _let_gpu_memory_grow(**_) -> None:
-    """Let TensorFlow take GPU memory as it needs it instead of all of it at start (per worker child)."""
-    # Imported here, in the child, never in the parent: forking after TensorFlow started is unsafe.
+@shared_task(name=INGEST_TASK_NAME)
+def ingest_dataset(dataset_id: str) -> None:
+    """Ingest one uploaded dataset by id: unpack, check, write its manifest (once, however often it is sent)."""
+    # Imported here: the worker's parent process stays free of image libraries until a child needs them.
+    from training.data.store import DatasetStore
+
+    try:
+        record = DatasetStore.from_settings(get_settings()).ingest(dataset_id)
+    except DatasetNotFoundError:
+        log.warning("dataset %s is not in the dataset store; message dropped", dataset_id)
+        return
+    log.info("dataset %s %s%s", dataset_id, record["status"], f": {record['error']}" if record["error"] else "")
+
+
+def _let_gpu_memory_grow() -> None:
+    """Let TensorFlow take GPU memory as it needs it instead of all of it at start (once per worker child)."""
+    # Imported here, in the child that trains, never in the parent: forking after TensorFlow started is unsafe,
+    # and an ingest worker has no use for it.
     import keras
 
     if keras.backend.backend() != "tensorflow":

@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.live import ROOT
-from training.demo import write_digits_dataset
-from training.jobs.app import QUEUE
+from tests.live import ROOT, digits_zip
+from training.data.store import DatasetStore
+from training.jobs.app import INGEST_QUEUE, QUEUE
 from training.jobs.records import JobStore
 from training.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
+# A well-formed id that names no stored dataset (for job records whose dataset is never read).
 DATASET_ID = "0123456789abcdef"
 PARAMS = {"image_size": 32, "epochs": 3}
 # The module a worker loads, as in the Procfile and docker-compose.yml.
 WORKER_APP = "training.jobs.worker"
 
 
-def add_dataset(settings: Settings) -> str:
-    """Put a small digits dataset where `DatasetStore.path` finds it; return its id."""
-    write_digits_dataset(settings.datasets_dir / DATASET_ID / "data", image_size=32, per_class=8, classes=3)
-    return DATASET_ID
+def add_dataset(settings: Settings, per_class: int = 8, classes: int = 3, ingest: bool = True) -> str:
+    """Upload a small digits dataset (a zip) to the settings' dataset store, ingested unless told not; return its id."""
+    with tempfile.TemporaryDirectory() as folder:
+        archive = digits_zip(Path(folder), per_class=per_class, classes=classes)
+    store = DatasetStore.from_settings(settings)
+    dataset_id = store.add_archive(io.BytesIO(archive), len(archive), "digits.zip")["id"]
+    if ingest:
+        store.ingest(dataset_id)
+    return dataset_id
 
 
 def worker_env(settings: Settings, broker_url: str | None) -> dict:
@@ -48,13 +56,22 @@ DEAF_WORKER = ("import sys, training.jobs.runner as runner; from celery.__main__
                "runner._Throttled.__call__ = lambda self: False; sys.argv[0] = 'celery'; sys.exit(main())")
 
 
-def start_worker(settings: Settings, broker_url: str | None, log_file: Path, *, deaf: bool = False) -> subprocess.Popen:
+def start_worker(settings: Settings, broker_url: str | None, log_file: Path, *, deaf: bool = False,
+                 queue: str = QUEUE, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a real Celery worker for `queue` (training: one at a time; ingest: two, as the Procfile starts them)."""
     celery = [sys.executable, "-c", DEAF_WORKER] if deaf else [str(Path(sys.executable).with_name("celery"))]
-    command = [*celery, "-A", WORKER_APP, "worker", "-Q", QUEUE, "--concurrency", "1", "--pool", "prefork",
-               "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", "test@%h"]
+    concurrency = "2" if queue == INGEST_QUEUE else "1"
+    command = [*celery, "-A", WORKER_APP, "worker", "-Q", queue, "--concurrency", concurrency, "--pool", "prefork",
+               "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"test-{queue}@%h"]
     with log_file.open("wb") as out:
-        return subprocess.Popen(command, cwd=ROOT, env=worker_env(settings, broker_url), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, cwd=ROOT, env={**worker_env(settings, broker_url), **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_ingest_worker(settings: Settings, broker_url: str | None, log_file: Path,
+                        env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a real Celery ingest worker (`-Q ingest`), as the Procfile and docker-compose.yml do."""
+    return start_worker(settings, broker_url, log_file, queue=INGEST_QUEUE, env=env)
 
 
 def stop_worker(worker: subprocess.Popen) -> None:
@@ -66,6 +83,18 @@ def stop_worker(worker: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(timeout=10)
+
+
+def wait_until_ingested(store: DatasetStore, dataset_id: str, worker: subprocess.Popen, log_file: Path,
+                        timeout: float = 60) -> dict:
+    """Wait until a dataset is ready or failed; fail with the worker's log when it gets stuck or the worker exits."""
+    deadline = time.monotonic() + timeout
+    while (record := store.get(dataset_id))["status"] not in ("ready", "failed"):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"dataset {dataset_id} still {record['status']}; worker log:\n"
+                        f"{log_file.read_text(errors='replace')[-4000:]}", pytrace=False)
+        time.sleep(0.1)
+    return record
 
 
 def wait_until_final(jobs: JobStore, ids: list[str], worker: subprocess.Popen, log_file: Path,

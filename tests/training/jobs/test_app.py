@@ -7,7 +7,16 @@ import json
 from pathlib import Path
 
 from tests.training.jobs.helpers import REDIS_URL
-from training.jobs.app import QUEUE, TASK_NAME, enqueue, make_broker_folders, make_celery
+from training.jobs.app import (
+    INGEST_QUEUE,
+    INGEST_TASK_NAME,
+    QUEUE,
+    TASK_NAME,
+    enqueue,
+    enqueue_ingest,
+    make_broker_folders,
+    make_celery,
+)
 
 
 def test_make_celery_settings(settings):
@@ -44,3 +53,14 @@ def test_enqueue_sends_the_job_id_as_the_task_id(settings):
     (message,) = Path(app.conf.broker_transport_options["data_folder_in"]).iterdir()
     headers = json.loads(message.read_text())["headers"]
     assert headers["id"] == "0123456789abcdef0123456789abcdef" and headers["task"] == TASK_NAME
+
+
+def test_ingests_go_to_their_own_queue_with_the_dataset_id(settings):
+    app = make_celery(settings)
+    assert app.conf.task_routes[INGEST_TASK_NAME] == {"queue": INGEST_QUEUE} != app.conf.task_routes[TASK_NAME]
+    app.loader.import_default_modules()
+    assert app.tasks[INGEST_TASK_NAME].__module__ == "training.jobs.tasks"
+    enqueue_ingest(app, "0123456789abcdef")
+    (message,) = Path(app.conf.broker_transport_options["data_folder_in"]).iterdir()
+    assert message.name.endswith(f".{INGEST_QUEUE}.msg")  # the embedded broker keeps queues apart by name
+    assert json.loads(message.read_text())["headers"]["task"] == INGEST_TASK_NAME

@@ -1,8 +1,9 @@
-"""The reconciler: sweeping leftovers, requeueing lost runs, re-sending lost messages, killing runs that ignore a
-cancel; and its command, `python -m training.jobs reconcile` (also `python -m training reconcile`)."""
+"""The reconciler: sweeping leftovers, requeueing lost runs, re-sending lost messages and dataset ingests, killing
+runs that ignore a cancel; and its command, `python -m training.jobs reconcile` (or `python -m training reconcile`)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -14,8 +15,8 @@ import pytest
 
 from tests.live import ROOT
 from tests.training.jobs.helpers import DATASET_ID, add_dataset, worker_env
-from training.datasets import DatasetStore
-from training.jobs.app import make_celery
+from training.data.store import DatasetStore
+from training.jobs.app import INGEST_TASK_NAME, TASK_NAME, enqueue_ingest, make_celery
 from training.jobs.reconciler import _kill_overdue_cancels, reconcile
 from training.jobs.records import JobStore
 
@@ -36,7 +37,7 @@ def test_reconcile_sweeps_what_crashed_saves_and_uploads_left(settings, jobs):
 
     assert counts["swept"] == 3
     assert [folder.exists() for folder in old + recent] == [False] * 3 + [True] * 2
-    assert DatasetStore.from_settings(settings).path(dataset_id).is_dir()  # a real dataset is never touched
+    assert DatasetStore.from_settings(settings).dataset(dataset_id).root.is_dir()  # a real dataset is never touched
 
 
 def test_reconcile_requeues_lost_workers_and_resends_lost_messages(settings, jobs):
@@ -51,11 +52,40 @@ def test_reconcile_requeues_lost_workers_and_resends_lost_messages(settings, job
 
     counts = reconcile(settings, app, stale_after_seconds=120, lost_after_seconds=600)
 
-    assert counts == {"requeued": 1, "given_up": 0, "resent": 1, "killed": 0, "swept": 0}
+    assert counts == {"requeued": 1, "given_up": 0, "resent": 1, "killed": 0, "ingests_resent": 0,
+                      "swept": 0}
     assert jobs.get(stale["id"])["status"] == "queued" and jobs.get(fresh["id"])["status"] == "queued"
     sent = sorted(p.read_bytes() for p in Path(app.conf.broker_transport_options["data_folder_in"]).iterdir())
     assert len(sent) == 2
     assert any(stale["id"].encode() in body for body in sent) and any(lost["id"].encode() in body for body in sent)
+
+
+def sent_tasks(app) -> list[tuple[str, list]]:
+    """The (task name, arguments) of every message waiting in the embedded broker."""
+    messages = [json.loads(p.read_text()) for p in Path(app.conf.broker_transport_options["data_folder_in"]).iterdir()]
+    return sorted((m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages)
+
+
+def test_reconcile_resends_ingests_lost_or_abandoned_by_a_dead_process(settings):
+    app = make_celery(settings)
+    store = DatasetStore.from_settings(settings)
+    lost, waiting, abandoned, ready = (add_dataset(settings, per_class=5 + n, ingest=False) for n in range(4))
+    store.ingest(ready)
+    for dataset_id in (lost, abandoned):  # created long ago; the abandoned one then left mid-ingest by a dead process
+        record = store.get(dataset_id)
+        store._write(store.root / dataset_id, {**record, "created": "2000-01-01T00:00:00.000000+00:00"})
+    store._write(store.root / abandoned, {**store.get(abandoned), "status": "ingesting"})
+    enqueue_ingest(app, waiting)  # as its upload did: it waits its turn, its message is not lost
+
+    counts = reconcile(settings, app, lost_after_seconds=600)
+
+    assert counts["ingests_resent"] == 2 and counts["resent"] == 0
+    assert sent_tasks(app) == sorted((INGEST_TASK_NAME, [d]) for d in (abandoned, lost, waiting))
+    assert [store.get(d)["status"] for d in (lost, waiting, abandoned, ready)] == ["queued", "queued", "queued",
+                                                                                  "ready"]
+    # The queue now holds as many messages as datasets wait: nothing is sent twice on the next round.
+    assert reconcile(settings, app, lost_after_seconds=600)["ingests_resent"] == 0
+    assert TASK_NAME not in {name for name, _ in sent_tasks(app)}
 
 
 def cancel_requested_long_ago(jobs: JobStore, job_id: str) -> None:
@@ -76,7 +106,7 @@ def test_reconcile_kills_a_run_that_ignores_its_cancel_past_the_grace_period(set
 
     counts = reconcile(settings, app)
 
-    assert counts == {"requeued": 0, "given_up": 0, "resent": 0, "killed": 1, "swept": 0}
+    assert counts == {"requeued": 0, "given_up": 0, "resent": 0, "killed": 1, "ingests_resent": 0, "swept": 0}
     assert revoked == [((ignoring["id"],), {"terminate": True, "signal": "SIGKILL"})]
     killed = jobs.get(ignoring["id"])
     assert killed["status"] == "cancelled" and killed["finished_at"]
@@ -151,5 +181,6 @@ def test_the_reconcile_command_runs_one_round_and_prints_its_counts(settings, jo
                           env=worker_env(settings, None), capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"requeued": 1, "given_up": 0, "resent": 0, "killed": 0, "swept": 0}
+    assert json.loads(done.stdout) == {"requeued": 1, "given_up": 0, "resent": 0, "killed": 0, "ingests_resent": 0,
+                                       "swept": 0}
     assert jobs.get(stale["id"])["status"] == "queued"

@@ -1,10 +1,14 @@
-"""A job's run (`run_job`), without a broker: recorded once, rerun safely, cancelled, fenced, failed clearly."""
+"""A job's run (`run_job`), without a broker: recorded once, rerun safely, cancelled, fenced, failed clearly;
+its dataset read from the manifest, ingested first when no worker did it yet, failed with the dataset's message."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.training.jobs.helpers import DATASET_ID, PARAMS, add_dataset
+from training.data import store as store_module
+from training.data.store import DatasetStore
+from training.errors import DatasetError
 from training.jobs.records import JobStore
 from training.jobs.runner import run_job
 from training.store import ModelStore
@@ -132,12 +136,12 @@ def test_a_frozen_run_that_wakes_after_being_requeued_saves_nothing(settings, jo
 @pytest.mark.parametrize(("dataset", "params", "message"), [
     ("ffffffffffffffff", PARAMS, "no dataset with id 'ffffffffffffffff'"),
     ("../etc", PARAMS, "dataset_id must be 16 lowercase hex characters"),
-    (DATASET_ID, {"epochs": "many"}, "epochs must be a int, received: 'many'"),
-    (DATASET_ID, {"colour": 1}, "unknown training option(s): colour"),
+    (None, {"epochs": "many"}, "epochs must be a int, received: 'many'"),
+    (None, {"colour": 1}, "unknown training option(s): colour"),
 ])
 def test_bad_dataset_or_params_fail_with_a_clear_error(settings, jobs, dataset, params, message):
-    add_dataset(settings)
-    job = jobs.create("digits", dataset, params)
+    stored = add_dataset(settings)
+    job = jobs.create("digits", dataset or stored, params)
 
     done = run_job(job["id"], settings, "test")
 
@@ -152,3 +156,51 @@ def test_unexpected_crash_is_recorded_not_raised(settings, jobs, monkeypatch):
     done = run_job(job["id"], settings, "test")
 
     assert done["status"] == "failed" and done["error"] == "internal error: ZeroDivisionError: division by zero"
+
+
+def test_a_job_reads_its_dataset_from_the_manifest_without_decoding_it_again(settings, jobs, monkeypatch):
+    job = jobs.create("digits", add_dataset(settings), PARAMS)
+    # Only the ingest check decodes with `decode_image`; features decode through `preprocess_image`.
+    monkeypatch.setattr("training.data.ingest.decode_image", lambda *a, **k: pytest.fail("decoded for a check"))
+
+    done = run_job(job["id"], settings, "test")
+
+    assert done["status"] == "succeeded", done["error"]
+    assert "ingest" not in done["progress"]["history"] and done["progress"]["phase"] == "save"
+
+
+def test_a_job_ingests_a_dataset_no_worker_ingested_yet_as_its_first_phase(settings, jobs, monkeypatch):
+    dataset = add_dataset(settings, ingest=False)
+    job = jobs.create("digits", dataset, PARAMS)
+    phases = []
+    heartbeat = JobStore.heartbeat
+
+    def record_phase(self, job_id, progress=None, attempt=None):
+        if progress and (not phases or phases[-1] != progress["phase"]):
+            phases.append(progress["phase"])
+        return heartbeat(self, job_id, progress, attempt=attempt)
+
+    monkeypatch.setattr(JobStore, "heartbeat", record_phase)
+    done = run_job(job["id"], settings, "test")
+
+    assert done["status"] == "succeeded", done["error"]
+    assert phases[:2] == ["ingest", "features"]
+    assert DatasetStore.from_settings(settings).get(dataset)["status"] == "ready"
+
+
+def test_a_job_on_a_dataset_whose_ingest_fails_fails_with_the_datasets_message(settings, jobs, monkeypatch):
+    dataset = add_dataset(settings, ingest=False)
+    job = jobs.create("digits", dataset, PARAMS)
+
+    def too_few(*args, **kwargs):
+        raise DatasetError("class 'one' has 2 images; each class needs at least 5")
+
+    monkeypatch.setattr(store_module, "ingest", too_few)
+
+    done = run_job(job["id"], settings, "test")
+
+    assert done["status"] == "failed"
+    assert done["error"] == (f"dataset {dataset} cannot be trained on: class 'one' has 2 images; each class needs "
+                             "at least 5")
+    assert DatasetStore.from_settings(settings).get(dataset)["status"] == "failed"
+    assert ModelStore(settings.model_dir).versions("digits") == []

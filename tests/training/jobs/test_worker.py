@@ -1,4 +1,5 @@
-"""Real Celery workers (`celery -A training.jobs.worker`) on Redis and on the embedded filesystem broker."""
+"""Real Celery workers (`celery -A training.jobs.worker`) on Redis and on the embedded filesystem broker: training
+workers, and ingest workers that never load TensorFlow."""
 
 from __future__ import annotations
 
@@ -7,21 +8,25 @@ import os
 import signal
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
+from tests.live import child_pids
 from tests.training.jobs.helpers import (
-    DATASET_ID,
     PARAMS,
     add_dataset,
+    start_ingest_worker,
     start_worker,
     stop_worker,
     wait_until_final,
+    wait_until_ingested,
 )
-from training.demo import write_digits_dataset
-from training.jobs.app import enqueue, make_celery
+from training.data.store import DatasetStore
+from training.jobs.app import enqueue, enqueue_ingest, make_celery
 from training.jobs.reconciler import reconcile
 from training.jobs.records import JobStore
+from training.settings import Settings
 from training.store import ModelStore
 
 
@@ -74,10 +79,10 @@ def test_real_worker_on_embedded_filesystem_broker(settings, tmp_path):
 def test_sigkilled_worker_mid_job_is_rerun_once_and_never_stuck(settings, redis_url, tmp_path):
     settings = dataclasses.replace(settings, celery_broker_url=redis_url, job_heartbeat_seconds=0.5,
                                    job_stale_seconds=3)
-    write_digits_dataset(settings.datasets_dir / DATASET_ID / "data", image_size=32, per_class=40, classes=10)
+    dataset = add_dataset(settings, per_class=40, classes=10)
     store = JobStore.from_settings(settings)
     app = make_celery(settings)
-    job = store.create("digits", DATASET_ID, {"image_size": 32, "epochs": 200, "patience": 200})
+    job = store.create("digits", dataset, {"image_size": 32, "epochs": 200, "patience": 200})
     enqueue(app, job["id"])
     first = start_worker(settings, redis_url, tmp_path / "first.log")
     try:
@@ -113,10 +118,10 @@ def test_sigkilled_worker_mid_job_is_rerun_once_and_never_stuck(settings, redis_
 def test_a_run_that_ignores_its_cancel_is_killed_after_the_grace_period(settings, redis_url, tmp_path):
     settings = dataclasses.replace(settings, celery_broker_url=redis_url, job_heartbeat_seconds=0.5,
                                    job_stale_seconds=60, job_cancel_grace_seconds=1)
-    write_digits_dataset(settings.datasets_dir / DATASET_ID / "data", image_size=32, per_class=40, classes=10)
+    dataset = add_dataset(settings, per_class=40, classes=10)
     jobs = JobStore.from_settings(settings)
     app = make_celery(settings)
-    job = jobs.create("digits", DATASET_ID, {"image_size": 32, "epochs": 500, "patience": 500})
+    job = jobs.create("digits", dataset, {"image_size": 32, "epochs": 500, "patience": 500})
     enqueue(app, job["id"])
     log_file = tmp_path / "worker.log"
     worker = start_worker(settings, redis_url, log_file, deaf=True)
@@ -140,7 +145,7 @@ def test_a_run_that_ignores_its_cancel_is_killed_after_the_grace_period(settings
         assert f"Terminating {job['id']}" in log, log[-3000:]  # Celery's own word that it killed this task
 
         # The worker lives on (a fresh child) and takes the next job; the killed one never runs again.
-        next_job = jobs.create("digits", DATASET_ID, PARAMS)
+        next_job = jobs.create("digits", dataset, PARAMS)
         enqueue(app, next_job["id"])
         (done,) = wait_until_final(jobs, [next_job["id"]], worker, log_file, timeout=120)
         assert done["status"] == "succeeded", done["error"]
@@ -149,3 +154,53 @@ def test_a_run_that_ignores_its_cancel_is_killed_after_the_grace_period(settings
     finally:
         stop_worker(worker)
         jobs.close()
+
+
+def loaded_tensorflow(pids: set[int]) -> list[int]:
+    """The processes among `pids` that have TensorFlow's library mapped (imported it)."""
+    found = []
+    for pid in pids:
+        try:
+            maps = open(f"/proc/{pid}/maps").read()
+        except OSError:
+            continue  # exited meanwhile
+        if "tensorflow" in maps:
+            found.append(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_a_real_ingest_worker_on_the_embedded_broker_ingests_once_without_tensorflow(settings, tmp_path):
+    datasets = DatasetStore.from_settings(settings)
+    good = add_dataset(settings, ingest=False)
+    one_class = add_dataset(settings, classes=1, ingest=False)  # fails, naming the rule it breaks
+    app = make_celery(settings)
+    for dataset_id in (good, good, one_class):  # the same dataset twice: a duplicate message does nothing more
+        enqueue_ingest(app, dataset_id)
+    log_file = tmp_path / "ingest.log"
+    worker = start_ingest_worker(settings, None, log_file)
+    try:
+        ready = wait_until_ingested(datasets, good, worker, log_file)
+        failed = wait_until_ingested(datasets, one_class, worker, log_file)
+        time.sleep(1)  # both of the good dataset's messages taken
+        assert loaded_tensorflow({worker.pid, *child_pids(worker.pid)}) == []
+    finally:
+        stop_worker(worker)
+
+    assert ready["status"] == "ready" and ready["classes"] == {"zero": 8, "one": 8, "two": 8}, ready
+    assert failed["status"] == "failed" and "at least 2 classes" in failed["error"], failed
+    assert datasets.dataset(good).items[0].path.is_file()
+    log = log_file.read_text(errors="replace")
+    assert log.count(f"dataset {good} ready") == 2 and log.count(f"dataset {one_class} failed") == 1, log[-3000:]
+    assert worker.returncode == 0, log[-4000:]
+
+
+@pytest.mark.parametrize("queues,expected", [("ingest", 100), (["ingest"], 100), ("training", 1),
+                                             ("training,ingest", 1), (None, 1)])
+def test_only_an_ingest_only_worker_keeps_its_children(queues, expected):
+    """Training children run one job each (TensorFlow frees GPU memory only on exit); ingest children many."""
+    from training.jobs.worker import INGEST_TASKS_PER_CHILD, _reuse_ingest_children
+
+    conf = make_celery(Settings(data_dir=Path("/nonexistent"))).conf
+    _reuse_ingest_children(conf=conf, options={"queues": queues})
+    assert conf.worker_max_tasks_per_child == (INGEST_TASKS_PER_CHILD if expected == 100 else 1)
