@@ -38,15 +38,14 @@ _metrics_dir_made: Path | None = None
 def _prepare_metrics_dir() -> None:
     """Give prometheus-client's multiprocess mode an empty folder, inherited by every worker."""
     global _metrics_dir_made
-    # prometheus-client's own variable, read by the workers when they import it; it must be
-    # set here, in the master, before the first worker is forked.
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if folder:
-        path = Path(folder)
+    path = _settings.metrics_dir
+    if path:
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob("*.db"):  # Counts of an earlier run would be added to this one's.
             stale.unlink()
     else:
+        # prometheus-client's own variable, read by the workers when they import it; it must be
+        # set here, in the master, before the first worker is forked.
         _metrics_dir_made = Path(tempfile.mkdtemp(prefix="classifier-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir_made)
 

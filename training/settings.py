@@ -72,6 +72,9 @@ class Settings:
     events_poll_s: float = 0.5
     events_keepalive_s: float = 15.0
     events_lifetime_s: float = 3600.0
+    # prometheus-client's multiprocess folder (its own variable, PROMETHEUS_MULTIPROC_DIR); None: gunicorn's
+    # config makes a temporary one and sets the variable for its workers.
+    metrics_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.job_heartbeat_seconds < self.job_stale_seconds:
@@ -162,6 +165,7 @@ class Settings:
             events_poll_s=number("EVENTS_POLL_S", defaults.events_poll_s, float),
             events_keepalive_s=number("EVENTS_KEEPALIVE_S", defaults.events_keepalive_s, float),
             events_lifetime_s=number("EVENTS_LIFETIME_S", defaults.events_lifetime_s, float),
+            metrics_dir=Path(folder) if (folder := text("PROMETHEUS_MULTIPROC_DIR", None)) else None,
         )
 
 
