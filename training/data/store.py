@@ -38,7 +38,7 @@ import shutil
 import traceback
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -181,7 +181,7 @@ class DatasetStore:
                 records.append(self.get(entry.name))
             except DatasetNotFoundError:
                 continue  # deleted while listing
-        return sorted(records, key=lambda r: (r.get("created", ""), r["id"]), reverse=True)
+        return sorted(records, key=lambda r: (r.get("created") or "", r["id"]), reverse=True)
 
     def delete(self, dataset_id: str) -> None:
         """Delete a dataset: it disappears atomically, its files go after."""
@@ -260,11 +260,9 @@ class DatasetStore:
 
     # --- reconciling (the reconciler) ---------------------------------------------------------------------------------
 
-    def queued(self, older_than_seconds: float = 0) -> list[str]:
-        """Ids of the datasets waiting for ingest, created more than `older_than_seconds` ago, oldest first."""
-        cutoff = (datetime.now(UTC) - timedelta(seconds=older_than_seconds)).isoformat(timespec="microseconds")
-        waiting = [r for r in self.list() if r["status"] == QUEUED and r.get("created", "") < cutoff]
-        return [r["id"] for r in reversed(waiting)]
+    def queued(self) -> list[dict]:
+        """The records of the datasets waiting for ingest, oldest first."""
+        return [r for r in reversed(self.list()) if r["status"] == QUEUED]
 
     def requeue_abandoned(self) -> list[str]:
         """Put back in the queue the datasets left `ingesting` by a process that died; return their ids."""

@@ -48,7 +48,9 @@ def _resend_ingests(settings: Settings, app: Celery, lost_after_seconds: float) 
     # As for jobs: datasets may wait behind a long ingest, so only when the queue holds fewer messages
     # than datasets wait (a duplicate is harmless, the ingest lock runs it once, but it costs a worker).
     waiting = store.queued()
-    old = [d for d in store.queued(lost_after_seconds) if d not in abandoned]
+    cutoff = (datetime.now(UTC) - timedelta(seconds=lost_after_seconds)).isoformat(timespec="microseconds")
+    # A record without `created` (written by an early version) counts as old.
+    old = [r["id"] for r in waiting if r["id"] not in abandoned and (r.get("created") or "") < cutoff]
     size = _queue_size(app, INGEST_QUEUE) if old else None
     if size is not None and size >= len(waiting):
         old = []

@@ -327,7 +327,7 @@ def test_an_ingest_whose_process_died_is_requeued_and_redone(store, rng):
     assert store.get(record["id"])["status"] == "ingesting"
 
     assert store.requeue_abandoned() == [record["id"]]
-    assert store.get(record["id"])["status"] == "queued" and store.queued() == [record["id"]]
+    assert store.get(record["id"])["status"] == "queued" and [r["id"] for r in store.queued()] == [record["id"]]
     ready = store.ingest(record["id"])
     assert ready["status"] == "ready" and ".staging-dead" not in files_of(store, record["id"])
 
@@ -370,8 +370,7 @@ def test_queued_lists_waiting_datasets_oldest_first(store, rng):
     second = add(store, zip_bytes(rng, {"a": 5, "b": 5}))
     ready = add(store, zip_bytes(rng, {"a": 5, "b": 5}))
     store.ingest(ready["id"])
-    assert store.queued() == [first["id"], second["id"]]
-    assert store.queued(older_than_seconds=3600) == []
+    assert [r["id"] for r in store.queued()] == [first["id"], second["id"]]
 
 
 def test_a_dataset_stored_before_ingest_workers_is_ingested_once_more(store, rng):
@@ -386,7 +385,7 @@ def test_a_dataset_stored_before_ingest_workers_is_ingested_once_more(store, rng
                                                     "classes": {"a": 5, "b": 5}}))
     legacy = store.get(record["id"])
     assert legacy["status"] == "queued" and legacy["sha256"] == record["sha256"]
-    assert store.queued() == [record["id"]]
+    assert [r["id"] for r in store.queued()] == [record["id"]]
 
     assert store.ingest(record["id"])["classes"] == {"a": 5, "b": 5}
     assert files_of(store, record["id"]) == [LOCK, ARCHIVE, INGESTED, RECORD]
