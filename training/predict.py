@@ -137,11 +137,16 @@ def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> l
     return answers
 
 
+def load_with_forward(settings: Settings, name: str, version: int | None = None) -> tuple[LoadedModel, Forward | None]:
+    """Load a stored version and the forward pass its pixels need (the shared backbone for a head-only one)."""
+    model = load_version(ModelStore(settings.model_dir), name, version)
+    return model, (backbone_for(model, settings).features if model.kind == "head" else None)
+
+
 def predict_files(settings: Settings, name: str, paths: Sequence[str | Path], version: int | None = None,
                   top_k: int = 3, batch_size: int = 32) -> tuple[LoadedModel, list[dict]]:
     """Predict image files with a stored model; answers are in input order."""
-    model = load_version(ModelStore(settings.model_dir), name, version)
-    forward = backbone_for(model, settings).features if model.kind == "head" else None
+    model, forward = load_with_forward(settings, name, version)
     probabilities = file_probabilities(model, paths, forward, batch_size, settings.max_image_pixels)
     return model, top_k_labels(probabilities, model.classes, top_k)
 

@@ -77,6 +77,21 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 @contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on `path` across processes; yield False at once if `wait` is off and it is taken."""
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def disk_full_as_error(what: str) -> Iterator[None]:
     """Turn a full disk (ENOSPC, EDQUOT) into a StoreFullError saying what was not written."""
     try:
@@ -136,12 +151,8 @@ class ModelStore:
         """Serialize writers of one model (version numbering, publishing) across processes."""
         folder = self.model_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(folder / ".lock"):
+            yield
 
     def names(self) -> list[str]:
         """Names of the models that have at least one version."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,7 +36,6 @@ import re
 import shutil
 import traceback
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -46,7 +44,7 @@ from training.data.archives import CHUNK_BYTES, archive_kind
 from training.data.dataset import Dataset, IngestLimits, read_manifest, write_manifest
 from training.data.ingest import ingest
 from training.errors import ArchiveError, DatasetError, DatasetNotFoundError, InvalidInput, TrainingError
-from training.store import disk_full_as_error, fsync_dir, fsync_tree, write_json_atomic
+from training.store import disk_full_as_error, file_lock, fsync_dir, fsync_tree, write_json_atomic
 
 if TYPE_CHECKING:
     from training.settings import Settings
@@ -307,19 +305,9 @@ class DatasetStore:
         return record
 
     @staticmethod
-    @contextlib.contextmanager
-    def _lock(folder: Path, wait: bool) -> Iterator[bool]:
+    def _lock(folder: Path, wait: bool) -> contextlib.AbstractContextManager[bool]:
         """Hold the dataset's ingest lock across processes; yield False at once when `wait` is off and it is taken."""
-        with open(folder / LOCK, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(folder / LOCK, wait)
 
 
 def _save_stream(stream: BinaryIO, target: Path, max_bytes: int) -> tuple[str, int]:

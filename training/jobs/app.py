@@ -1,9 +1,10 @@
 """The Celery app factory and how work is sent: broker, queues, task names, delivery settings.
 
-Two queues, each with its own workers: `training` (a job id: one GPU job at a time per worker)
-and `ingest` (a dataset id: unpack and check an upload, on CPUs, without TensorFlow), so a long
-training never holds an upload back. The job record in `JobStore` and the dataset record in
-`DatasetStore` are the sources of truth; the broker only carries ids.
+Two queues, each with its own workers: `training` (a job id: one GPU job at a time per worker; and
+exports of model versions, which need TensorFlow too) and `ingest` (a dataset id: unpack and check an
+upload, on CPUs, without TensorFlow), so a long training never holds an upload back. The job record
+in `JobStore` and the dataset record in `DatasetStore` are the sources of truth; the broker only
+carries ids.
 `make_celery` only configures: it connects nowhere and makes no folder. The embedded broker's
 folders are made when first needed, by `make_broker_folders`: when a worker starts, and in
 `enqueue` before a message is sent (by the API or the reconciler).
@@ -23,6 +24,8 @@ QUEUE = "training"
 TASK_NAME = "training.train_model"
 INGEST_QUEUE = "ingest"
 INGEST_TASK_NAME = "training.ingest_dataset"
+# Exports (SavedModel, ONNX, TFLite) need TensorFlow and a minute of CPU: the training workers make them.
+EXPORT_TASK_NAME = "training.export_version"
 # Imported by a worker when it starts (not by the factory): it registers the task.
 TASKS_MODULE = "training.jobs.tasks"
 # A job runs for hours at most; the soft limit lets it record "failed", the hard one kills it.
@@ -62,7 +65,8 @@ def make_celery(settings: Settings) -> Celery:
         # Job state lives in JobStore; nothing reads Celery results.
         task_ignore_result=True,
         task_default_queue=QUEUE,
-        task_routes={TASK_NAME: {"queue": QUEUE}, INGEST_TASK_NAME: {"queue": INGEST_QUEUE}},
+        task_routes={TASK_NAME: {"queue": QUEUE}, INGEST_TASK_NAME: {"queue": INGEST_QUEUE},
+                     EXPORT_TASK_NAME: {"queue": QUEUE}},
         # A GPU job takes minutes to hours: ack after it ran, take one at a time, and give the
         # message back when the worker dies mid-job (JobStore.start makes the rerun safe; the
         # dataset's ingest lock makes a rerun of an ingest wait for, or redo, the first one).
@@ -101,3 +105,9 @@ def enqueue_ingest(app: Celery, dataset_id: str) -> None:
     """Send a stored dataset to the ingest queue."""
     make_broker_folders(app)
     app.send_task(INGEST_TASK_NAME, args=[dataset_id], queue=INGEST_QUEUE)
+
+
+def enqueue_export(app: Celery, name: str, version: int, fmt: str) -> None:
+    """Send an export of a model version to the training queue (its workers have TensorFlow)."""
+    make_broker_folders(app)
+    app.send_task(EXPORT_TASK_NAME, args=[name, version, fmt], queue=QUEUE)

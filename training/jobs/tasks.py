@@ -1,4 +1,4 @@
-"""The tasks the workers run: train a job (the `training` queue) and ingest a dataset (the `ingest` queue).
+"""The tasks the workers run: train a job and export a version (the `training` queue), ingest a dataset (`ingest`).
 
 Each task is thin: it takes an id and calls the library, which re-reads the record. Shared tasks,
 so every app `make_celery` builds has them once a worker imports this module (the app's `include`).
@@ -14,8 +14,8 @@ import socket
 
 from celery import Task, shared_task
 
-from training.errors import DatasetNotFoundError
-from training.jobs.app import INGEST_TASK_NAME, TASK_NAME
+from training.errors import DatasetNotFoundError, NotFound
+from training.jobs.app import EXPORT_TASK_NAME, INGEST_TASK_NAME, TASK_NAME
 from training.jobs.runner import run_job
 from training.settings import get_settings
 
@@ -42,6 +42,20 @@ def ingest_dataset(dataset_id: str) -> None:
         log.warning("dataset %s is not in the dataset store; message dropped", dataset_id)
         return
     log.info("dataset %s %s%s", dataset_id, record["status"], f": {record['error']}" if record["error"] else "")
+
+
+@shared_task(name=EXPORT_TASK_NAME)
+def export_version(name: str, version: int, fmt: str) -> None:
+    """Export one model version in one format into the export store (once, however often it is sent)."""
+    _let_gpu_memory_grow()
+    from training.exports import ExportStore
+
+    try:
+        ExportStore.from_settings(get_settings()).build(get_settings(), name, version, fmt)
+    except NotFound as exc:  # the version was deleted since the export was asked for
+        log.warning("export of %s v%s as %s dropped: %s", name, version, fmt, exc.message)
+    except Exception:  # recorded in the export store (the API answers it); the message must not be retried
+        log.warning("export of %s v%s as %s failed; the API reports why", name, version, fmt)
 
 
 def _let_gpu_memory_grow() -> None:
