@@ -69,6 +69,7 @@ RUN groupadd --system --gid "${APP_UID}" classifier \
     && useradd --uid "${APP_UID}" --gid classifier --home-dir /home/classifier --create-home \
                --shell /usr/sbin/nologin classifier \
     && mkdir -p /var/lib/classifier/models /var/lib/classifier/data/datasets /var/lib/classifier/data/features \
+       /var/lib/classifier/data/exports \
     && chown -R classifier:classifier /var/lib/classifier
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=weights --chown=classifier:classifier /opt/keras /opt/keras

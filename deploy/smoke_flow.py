@@ -1,5 +1,6 @@
 """The HTTP half of the container smoke test (deploy/smoke.sh): upload a tiny dataset, wait for the ingest
-worker's report, train a model on it through the API, predict.
+worker's report, train a model on it through the API, predict (v1 and the Open Inference Protocol), and
+export the version through the training worker.
 
     python deploy/smoke_flow.py --url http://127.0.0.1:8091
 
@@ -154,7 +155,60 @@ def run(url: str, train_key: str, predict_key: str, timeout_s: float) -> None:
     smoke = [model for model in listed.get("models", []) if model.get("name") == "smoke"]
     if not smoke or smoke[0].get("published") != version or sorted(smoke[0].get("classes", [])) != sorted(CLASSES):
         fail(f"/v1/models does not list smoke v{version} published with classes {CLASSES}: {listed}")
+    started = time.monotonic()
+    check_protocol_and_export(url, train_auth, predict_auth, version, held, predictions, timeout_s)
+    timings["v2 infer and export"] = time.monotonic() - started
     say("timings: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
+
+
+def check_protocol_and_export(url: str, train_auth: dict, predict_auth: dict, version: int, held: list[Path],
+                              predictions: list[dict], timeout_s: float) -> None:
+    """The Open Inference Protocol answers v1's labels; an export made by the worker container does too."""
+    import base64
+
+    images = [path.read_bytes() for path in held]
+    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(images)],
+                        "data": [base64.b64encode(image).decode() for image in images]}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}
+    answer = expect(requests.post(f"{url}/v2/models/smoke/infer", json=body, headers=predict_auth, timeout=120), 200,
+                    "v2 infer")
+    labels = [item.split(":")[2] for item in answer["outputs"][0]["data"]]
+    if labels != [p["label"] for p in predictions]:
+        fail(f"v2 infer answered {labels}, v1 {[p['label'] for p in predictions]}")
+    say(f"v2 infer (Open Inference Protocol) answers v1's labels: {labels}")
+
+    export_url = f"{url}/v1/models/smoke/versions/{version}/export?format=keras"
+    deadline = time.monotonic() + timeout_s
+    while (response := requests.get(export_url, headers=train_auth, timeout=120)).status_code == 202:
+        if time.monotonic() > deadline:
+            fail(f"the keras export is still {response.json()['export']['status']} after {timeout_s:.0f} s")
+        time.sleep(2)
+    if response.status_code != 200:
+        fail(f"export: expected HTTP 200, got {response.status_code}: {response.text[:500]}")
+    exported = exported_labels(response.content, images)
+    if exported != [p["label"] for p in predictions]:
+        fail(f"the exported model answers {exported}, the service {[p['label'] for p in predictions]}")
+    say(f"export ({len(response.content) / 2**20:.0f} MB, made by the worker container) answers the service's "
+        "labels")
+
+
+def exported_labels(archive: bytes, images: list[bytes]) -> list[str]:
+    """Top-1 labels of the images by the exported Keras model, loaded as a user would (no project code)."""
+    import tarfile
+
+    import keras
+    import numpy as np
+
+    from training.images import decode_image, resize_rgb
+
+    with tempfile.TemporaryDirectory(prefix="classifier-smoke-export-") as folder:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
+        model = keras.saving.load_model(Path(folder) / "model.keras", safe_mode=True)
+        labels = (Path(folder) / "labels.txt").read_text().split()
+    size = model.input_shape[1]
+    pixels = np.stack([resize_rgb(np.asarray(decode_image(image, draft_size=size)), size) for image in images])
+    return [labels[i] for i in np.asarray(model.predict(pixels.astype(np.float32), verbose=0)).argmax(1)]
 
 
 def main() -> None:

@@ -34,7 +34,17 @@ def create_app(test_config: dict | None = None) -> Flask:
     """Create and configure the service's Flask app."""
     from flask import Flask
 
-    from service.api import JSONProvider, datasets, health, jobs, models, predict
+    from service.api import (
+        JSONProvider,
+        datasets,
+        exports,
+        health,
+        inference_v2,
+        jobs,
+        models,
+        predict,
+        tfserving,
+    )
 
     app = Flask(__name__)
     app.json = JSONProvider(app)
@@ -54,7 +64,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     auth.init_app(app)
     extensions.init_app(app)
     api = openapi.init_app(app)
-    for resource in (health, models, predict, datasets, jobs):  # the order of /openapi.json's paths
+    # The order of /openapi.json's paths.
+    for resource in (health, models, predict, datasets, jobs, exports, tfserving, inference_v2):
         api.register_blueprint(resource.bp)
     web.init_app(app)
     return app

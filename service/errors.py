@@ -9,6 +9,7 @@ without internals.
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 
 from flask import Flask, Response, current_app, g, jsonify, request
@@ -97,8 +98,22 @@ def limit_body(megabytes: int, setting: str) -> None:
     g.body_limit_setting = setting
 
 
+# The standard protocols' routes (Open Inference Protocol, TensorFlow Serving REST) answer errors as their
+# clients read them: `{"error": "message"}`, with the same statuses as v1.
+# Their URLs, for the requests that match no route (a version that is not a number, say).
+FLAT_ERROR_BLUEPRINTS = {"inference_v2", "tfserving"}
+FLAT_ERROR_PATHS = re.compile(r"/v2(/.*)?|/v1/models/[^/]+(/versions/[^/]+)?(:predict|:classify|/metadata)")
+
+
+def flat_errors() -> bool:
+    """Whether this request is answered in the standard protocols' error shape."""
+    return request.blueprint in FLAT_ERROR_BLUEPRINTS or FLAT_ERROR_PATHS.fullmatch(request.path) is not None
+
+
 def error_body(code: str, message: str) -> dict:
-    """The JSON body of every error answer."""
+    """The JSON body of every error answer: v1's `{"error": {"code", "message"}}`, or the protocols' own."""
+    if flat_errors():
+        return {"error": message}
     return {"error": {"code": code, "message": message}}
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from flask import Flask, current_app
 
 from training.data.store import DatasetStore
+from training.exports import ExportStore
 from training.jobs.records import JobStore
 from training.settings import Settings
 from training.store import ModelStore
@@ -92,10 +93,11 @@ PER_PROCESS: dict[str, Callable[[Settings], Any]] = {
 
 
 def init_app(app: Flask) -> None:
-    """Open the model and dataset stores; prepare the per-process resources, built on first use."""
+    """Open the model, dataset and export stores; prepare the per-process resources, built on first use."""
     settings = app.config["SETTINGS"]
     app.extensions["store"] = ModelStore(settings.model_dir)
     app.extensions["datasets"] = DatasetStore.from_settings(settings)
+    app.extensions["exports"] = ExportStore.from_settings(settings)
     for name, build in PER_PROCESS.items():
         app.extensions[name] = _PerProcess(build)
 
@@ -128,6 +130,11 @@ def get_store() -> ModelStore:
 def get_datasets() -> DatasetStore:
     """The dataset store under `DATA_DIR/datasets`."""
     return current_app.extensions["datasets"]
+
+
+def get_exports() -> ExportStore:
+    """The exported archives under `DATA_DIR/exports`."""
+    return current_app.extensions["exports"]
 
 
 def close(app: Flask) -> None:

@@ -5,16 +5,18 @@ The JSON body's schema lives here, with the code that reads it; the API document
 
 from __future__ import annotations
 
-import base64
-import binascii
+import zlib
 
 from flask import Request
 from marshmallow import Schema, ValidationError, fields
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from service.base64_images import decode_b64
 from service.errors import ServiceError, readable
 
 MULTIPART, JSON = "multipart/form-data", "application/json"
+# Content-Encodings a body may come in (tritonclient compresses on request), as zlib's wbits.
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 FIELD = "image"
 
 
@@ -73,7 +75,7 @@ def json_images(req: Request, limit: int) -> list[bytes]:
         instances = InstancesSchema().load(body)["instances"]
     except ValidationError as exc:
         raise ServiceError(f"bad JSON body: {readable(exc.messages)}") from None
-    return [decode_b64(instance["b64"], index) for index, instance in enumerate(instances)]
+    return [decode_b64(instance["b64"], f"instances[{index}].b64") for index, instance in enumerate(instances)]
 
 
 def read_body(req: Request) -> bytes:
@@ -87,14 +89,22 @@ def read_body(req: Request) -> bytes:
     return data
 
 
-def decode_b64(text: str, index: int) -> bytes:
-    """Decode one base64 image (line breaks and a `data:...;base64,` prefix are allowed)."""
-    if text.startswith("data:") and "," in text:
-        text = text.partition(",")[2]
+def decoded_body(req: Request) -> bytes:
+    """The whole body, decompressed if its Content-Encoding says gzip or deflate; bounded like the raw body."""
+    data = read_body(req)
+    encoding = req.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    if encoding not in ENCODINGS:
+        raise ServiceError(f"Content-Encoding must be gzip, deflate or identity, received: {encoding}", 415)
+    limit = req.max_content_length or len(data) * 1024
+    decompressor = zlib.decompressobj(ENCODINGS[encoding])
     try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ServiceError(f"instances[{index}].b64 is not valid base64") from None
-    if not data:
-        raise ServiceError(f"instances[{index}].b64 is empty")
-    return data
+        body = decompressor.decompress(data, limit + 1)  # stops one byte past the limit: no bomb is inflated
+    except zlib.error:
+        raise ServiceError(f"the body is not valid {encoding} data") from None
+    if len(body) > limit:
+        raise RequestEntityTooLarge()
+    if not decompressor.eof:
+        raise ServiceError(f"the {encoding} body is truncated")
+    return body

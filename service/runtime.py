@@ -32,7 +32,7 @@ from service.batching import BatcherClosed, MicroBatcher
 from service.model_cache import ModelCache
 from training.backbone import BackboneSpec, backbone_id, build_backbone, weights_id
 from training.errors import ImageError, InvalidInput, ModelUnavailable, TrainingError
-from training.images import preprocess_image
+from training.images import preprocess_image, vgg19_preprocess
 from training.predict import LoadedModel, backbone_spec, load_version, serving_precision, top_k_labels
 from training.settings import Settings
 from training.store import ModelStore
@@ -172,21 +172,35 @@ class ModelRuntime:
         get_served = functools.partial(self._served_backbone, model)
         return np.concatenate([self._submit(get_served, pixels) for pixels in self._chunks(images, model.image_size)])
 
-    def probabilities(self, model: LoadedModel, images: Sequence[bytes], features: np.ndarray | None = None):
-        """Class probabilities of `images` (or of their backbone `features`, for a head-only version).
+    def _pixel_chunks(self, rgb: np.ndarray, image_size: int):
+        """Preprocessed pieces of RGB pixels `[N, size, size, 3]` (0..255), at most one forward pass each."""
+        check_pixels(rgb, image_size)
+        step = self.rows_per_forward(image_size)
+        for start in range(0, len(rgb), step):
+            yield vgg19_preprocess(np.array(rgb[start:start + step], np.float32))  # a copy: preprocessing is in place
 
-        Through `LoadedModel.probabilities`, the method training scored the version's validation with,
-        given the micro-batched forward: the shared backbone's, or the fine-tuned model's own.
-        """
+    def probabilities(self, model: LoadedModel, images: Sequence[bytes], features: np.ndarray | None = None):
+        """Class probabilities of `images` (or of their backbone `features`, for a head-only version)."""
         if features is not None:
             return model.probabilities(features=features)
+        return self._forward_chunks(model, self._chunks(images, model.image_size))
+
+    def pixel_probabilities(self, model: LoadedModel, rgb: np.ndarray) -> np.ndarray:
+        """Class probabilities of images already decoded and resized: RGB `[N, size, size, 3]` in 0..255."""
+        return self._forward_chunks(model, self._pixel_chunks(rgb, model.image_size))
+
+    def _forward_chunks(self, model: LoadedModel, chunks) -> np.ndarray:
+        """Score preprocessed pieces through `LoadedModel.probabilities` with the micro-batched forward.
+
+        The method training scored the version's validation with, given the shared backbone's
+        forward or the fine-tuned model's own.
+        """
         if model.kind == "full":
             get_served = functools.partial(self._served_model, model.name, model.version)
         else:
             get_served = functools.partial(self._served_backbone, model)
         forward = functools.partial(self._submit, get_served)
-        return np.concatenate([model.probabilities(pixels, forward=forward)
-                               for pixels in self._chunks(images, model.image_size)])
+        return np.concatenate([model.probabilities(pixels, forward=forward) for pixels in chunks])
 
     # --- requests -----------------------------------------------------------------------------------------------
 
@@ -205,10 +219,19 @@ class ModelRuntime:
         arrays = [one(work[0])] if len(work) == 1 else list(self._decoders.map(one, work))
         return np.stack(arrays)
 
+    def scores(self, name: str, images: list[bytes], version: int | None = None) -> tuple[LoadedModel, np.ndarray]:
+        """The version scoring the images and their class probabilities, in input order."""
+        model = self.model(name, version)
+        return model, self.probabilities(model, images)
+
+    def pixel_scores(self, name: str, rgb: np.ndarray, version: int | None = None) -> tuple[LoadedModel, np.ndarray]:
+        """The version scoring decoded, resized RGB images `[N, size, size, 3]` and their class probabilities."""
+        model = self.model(name, version)
+        return model, self.pixel_probabilities(model, rgb)
+
     def predict(self, name: str, images: list[bytes], version: int | None = None, top_k: int = 3) -> dict:
         """Score images with one model version; answers are in input order."""
-        model = self.model(name, version)
-        probabilities = self.probabilities(model, images)
+        model, probabilities = self.scores(name, images, version)
         return {"model": name, "version": model.version,
                 "predictions": top_k_labels(probabilities, model.classes, top_k)}
 
@@ -242,6 +265,16 @@ class ModelRuntime:
         """Stop the batching threads and unload every model."""
         self._cache.close()
         self._decoders.shutdown(wait=False)
+
+
+def check_pixels(rgb: np.ndarray, image_size: int) -> None:
+    """Refuse a pixel tensor that is not `[N, image_size, image_size, 3]` with N >= 1 and finite values."""
+    expected = f"[N, {image_size}, {image_size}, 3]"
+    if rgb.ndim != 4 or rgb.shape[1:] != (image_size, image_size, 3) or len(rgb) == 0:
+        raise InvalidInput(f"pixels must have shape {expected} (RGB, 0 to 255, at the model's image size), "
+                           f"received: {list(rgb.shape)}")
+    if rgb.dtype.kind == "f" and not np.isfinite(rgb).all():
+        raise InvalidInput("pixels must be finite numbers (RGB, 0 to 255); received NaN or infinity")
 
 
 def backbone_weights_problem(settings: Settings) -> str | None:

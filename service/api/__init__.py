@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 import flask_smorest
 from flask.json.provider import DefaultJSONProvider
+from flask_smorest.utils import prepare_response
 from webargs.flaskparser import FlaskParser
 
-from service.api.schemas import ErrorSchema
+from service.api.schemas import ErrorSchema, FlatErrorSchema
 
 
 @contextlib.contextmanager
@@ -53,6 +54,25 @@ class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = ArgumentsParser()
 
 
+# The standard protocols' error answer (`{"error": "message"}`), documented as their default response.
+PROTOCOL_ERROR = "PROTOCOL_ERROR"
+
+
+class ProtocolBlueprint(Blueprint):
+    """Blueprint of a standard protocol (Open Inference, TF Serving): errors documented as `{"error": "message"}`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._prepare_doc_cbks.append(self._protocol_default_error)
+
+    @staticmethod
+    def _protocol_default_error(doc: dict, doc_info: dict, **kwargs) -> dict:
+        """Point the operation's default (error) response at the protocol's error shape."""
+        if "default" in doc.get("responses", {}):
+            doc["responses"]["default"] = PROTOCOL_ERROR
+        return doc
+
+
 class Api(flask_smorest.Api):
     """flask-smorest Api that leaves error answers to `service.errors` (one handler, one shape)."""
 
@@ -60,3 +80,10 @@ class Api(flask_smorest.Api):
 
     def _register_error_handlers(self) -> None:
         """Register nothing: `service.errors.init_app` handles every error."""
+
+    def _register_responses(self) -> None:
+        """Register flask-smorest's responses, and the standard protocols' default error."""
+        super()._register_responses()
+        response = {"description": 'Error: `{"error": "message"}`', "schema": FlatErrorSchema}
+        prepare_response(response, self.spec, self.DEFAULT_RESPONSE_CONTENT_TYPE)
+        self.spec.components.response(PROTOCOL_ERROR, response, lazy=True)

@@ -38,6 +38,12 @@ def runtime_checks() -> dict[str, str]:
         return {"runtime": getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"}
 
 
+def readiness() -> tuple[dict[str, str], str]:
+    """Each component's state (`ok` or why not), and one line naming those that are not ready ("" if none)."""
+    checks = {"model_store": store_check(Path(current_app.config["SETTINGS"].model_dir))} | runtime_checks()
+    return checks, "; ".join(f"{name}: {reason}" for name, reason in checks.items() if reason != "ok")
+
+
 @bp.route("/healthz", methods=["GET"])
 @role(PUBLIC)
 @bp.doc(security=[])
@@ -54,10 +60,8 @@ def healthz():
 @bp.alt_response(503, schema=ReadinessSchema, description="Not ready: `checks` says why")
 def readyz():
     """Readiness: the model store is usable and the prediction runtime is ready."""
-    checks = {"model_store": store_check(Path(current_app.config["SETTINGS"].model_dir))} | runtime_checks()
-    failing = {name: reason for name, reason in checks.items() if reason != "ok"}
-    if not failing:
+    checks, message = readiness()
+    if not message:
         return {"status": "ready", "checks": checks}
-    message = "; ".join(f"{name}: {reason}" for name, reason in failing.items())
     body = {"status": "not_ready", "checks": checks, "error": {"code": "not_ready", "message": message}}
     return body, 503, {"Retry-After": "5"}

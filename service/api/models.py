@@ -7,9 +7,16 @@ from pathlib import Path
 from flask import send_from_directory, url_for
 
 from service.api import Blueprint
-from service.api.schemas import ErrorSchema, ModelListSchema, ModelSchema, PublishedSchema, PublishSchema
+from service.api.schemas import (
+    ErrorSchema,
+    ModelListSchema,
+    ModelSchema,
+    PublishedSchema,
+    PublishSchema,
+    VersionDetailSchema,
+)
 from service.auth import PREDICT, TRAIN, role
-from service.extensions import get_store
+from service.extensions import get_exports, get_store
 from training.errors import ModelNotFoundError, NotFound
 from training.store import validate_name
 
@@ -63,12 +70,35 @@ def list_models():
 @bp.response(200, ModelSchema)
 @bp.alt_response(404, schema=ErrorSchema, description="No such model")
 def describe(name: str):
-    """Describe one model: every version's metrics, classes, params and plot URLs."""
-    model = get_store().describe(validate_name(name))
+    """Describe one model: every version's metrics, classes, params and plot URLs (and TF Serving's status)."""
+    return description(validate_name(name))
+
+
+def description(name: str) -> dict:
+    """A model's description, each version with its plot URLs."""
+    model = get_store().describe(name)
     for version in model["versions"]:
         version["plots"] = {file: url_for("models.plot", name=name, version=version["version"], filename=file)
                             for file in plot_files(name, version["version"])}
+    model["model_version_status"] = [version_status(v["version"]) for v in reversed(model["versions"])]
     return model
+
+
+def version_status(version: int) -> dict:
+    """A stored version as TF Serving's model status reads: available (it is loaded on first use)."""
+    return {"version": str(version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+
+
+@bp.route("/<name>/versions/<int:version>", methods=["GET"])
+@role(PREDICT)
+@bp.response(200, VersionDetailSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="No such model or version")
+def describe_version(name: str, version: int):
+    """Describe one version (as in the model's description), with TF Serving's status of it."""
+    store = get_store()
+    store.resolve_version(validate_name(name), version)
+    found = next(v for v in description(name)["versions"] if v["version"] == version)
+    return {**found, "model_version_status": [version_status(version)]}
 
 
 @bp.route("/<name>/versions/<int:version>/plots/<filename>", methods=["GET"])
@@ -105,4 +135,5 @@ def delete_version(name: str, version: int):
     store = get_store()
     store.resolve_version(validate_name(name), version)  # 404 before the store's lock makes any folder.
     store.delete_version(name, version)
+    get_exports().discard(name, version)
     return None

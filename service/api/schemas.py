@@ -5,6 +5,7 @@ from __future__ import annotations
 from marshmallow import Schema, fields, validate
 
 from training.data.store import STATUSES as DATASET_STATUSES
+from training.exports import FORMATS as EXPORT_FORMATS
 
 MAX_TOP_K = 100
 
@@ -18,6 +19,12 @@ class ErrorSchema(Schema):
     """Every error answer: `{"error": {"code", "message"}}`."""
 
     error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+class FlatErrorSchema(Schema):
+    """The standard protocols' error answer (Open Inference Protocol, TF Serving): `{"error": "message"}`."""
+
+    error = fields.String(required=True, metadata={"example": "no model named 'cats'"})
 
 
 class HealthSchema(Schema):
@@ -67,10 +74,31 @@ class VersionSchema(Schema):
                         metadata={"description": "plot file name → URL of the PNG"})
 
 
+class StatusSchema(Schema):
+    error_code = fields.String(required=True, metadata={"example": "OK"})
+    error_message = fields.String(required=True)
+
+
+class VersionStatusSchema(Schema):
+    """A version's state as TensorFlow Serving's model status API answers it."""
+
+    version = fields.String(required=True)
+    state = fields.String(required=True, metadata={"example": "AVAILABLE"})
+    status = fields.Nested(StatusSchema, required=True)
+
+
 class ModelSchema(Schema):
     name = fields.String(required=True)
     published = fields.Integer(allow_none=True)
     versions = fields.List(fields.Nested(VersionSchema), required=True)
+    model_version_status = fields.List(fields.Nested(VersionStatusSchema), required=True,
+                                       metadata={"description": "TF Serving's model status, newest first"})
+
+
+class VersionDetailSchema(VersionSchema):
+    """One version, with TF Serving's model status of it."""
+
+    model_version_status = fields.List(fields.Nested(VersionStatusSchema), required=True)
 
 
 class PublishSchema(Schema):
@@ -189,3 +217,21 @@ class JobListQuerySchema(Schema):
     status = fields.String(validate=validate.OneOf(("queued", "running", "succeeded", "failed", "cancelled")),
                            metadata={"description": "only jobs with this status"})
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+
+
+class ExportQuerySchema(Schema):
+    format = fields.String(required=True, validate=validate.OneOf(EXPORT_FORMATS),
+                           metadata={"description": "savedmodel (a TF Serving model base path), onnx (a Triton model "
+                                                    "repository), tflite or keras"})
+
+
+class ExportSchema(Schema):
+    model = fields.String(required=True)
+    version = fields.Integer(required=True)
+    format = fields.String(required=True)
+    status = fields.String(required=True, metadata={"description": "`queued` or `running`"})
+    url = fields.String(required=True, metadata={"description": "ask again here after Retry-After"})
+
+
+class ExportStatusSchema(Schema):
+    export = fields.Nested(ExportSchema, required=True)

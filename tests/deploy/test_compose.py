@@ -22,7 +22,7 @@ KEYS = {"TRAINING_API_KEY": "test-train-key", "PREDICTION_API_KEY": "test-predic
 APP_SERVICES = ("api", "worker", "ingest", "reconciler", "flower")
 ALL_SERVICES = (*APP_SERVICES, "redis", "postgres")
 SHARED_VOLUMES = {"models": "/var/lib/classifier/models", "datasets": "/var/lib/classifier/data/datasets",
-                  "features": "/var/lib/classifier/data/features"}
+                  "features": "/var/lib/classifier/data/features", "exports": "/var/lib/classifier/data/exports"}
 
 
 def compose_bin() -> str:
@@ -148,17 +148,18 @@ def test_redis_keeps_the_queue(tmp_path):
 
 def test_named_volumes_are_shared_by_api_and_workers(tmp_path):
     config = model(tmp_path, MAIN)
-    for name in ("models", "datasets", "features", "redis-data", "postgres-data"):
+    for name in ("models", "datasets", "features", "exports", "redis-data", "postgres-data"):
         assert name in config["volumes"], name
     for service in ("api", "worker", "reconciler"):
         mounts = {volume["source"]: volume["target"] for volume in config["services"][service]["volumes"]
                   if volume["type"] == "volume"}
         assert mounts == SHARED_VOLUMES, service
         env = config["services"][service]["environment"]
-        # The settings point at the mounts: datasets and features are DATA_DIR's folders.
+        # The settings point at the mounts: datasets, features and exports are DATA_DIR's folders.
         assert env["MODEL_DIR"] == SHARED_VOLUMES["models"]
         assert f"{env['DATA_DIR']}/datasets" == SHARED_VOLUMES["datasets"]
         assert f"{env['DATA_DIR']}/features" == SHARED_VOLUMES["features"]
+        assert f"{env['DATA_DIR']}/exports" == SHARED_VOLUMES["exports"]
 
 
 @pytest.mark.parametrize("files", [(MAIN,), (MAIN, CPU, SMOKE)], ids=["main", "smoke"])
