@@ -92,6 +92,7 @@ class Request:
     content_type: str | None = None
     chunked: bool = False
     key: str | None = TRAINING_KEY
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,25 @@ def check_answer(case: Case, status: int, body: bytes) -> list[str]:
         problems += [f"answer does not match its schema: {errors}"[:300]] if errors else []
         if case.category == "archives" and answer.get("status") not in ("queued", "ingesting"):
             problems.append(f"an upload answered with status {answer.get('status')!r}, expected queued")
+    return problems
+
+
+def check_protocol_answer(case: Case, status: int, body: bytes) -> list[str]:
+    """What is wrong with a standard protocol's answer (Open Inference, TF Serving) to an image case."""
+    expect = case.expect
+    problems = [] if status == expect.status else [f"status {status}, expected {expect.status}"]
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return [*problems, f"body is not JSON: {body[:200]!r}"]
+    if status >= 400:
+        if not isinstance(answer, dict) or not isinstance(answer.get("error"), str):
+            return [*problems, f"not the protocols' error shape: {answer!r}"[:300]]
+        says = expect.says if case.data else "empty"  # v1's message for an empty part names the multipart field
+        if says.lower() not in answer["error"].lower():
+            problems.append(f"message {answer['error']!r} does not say {says!r}")
+    elif not (isinstance(answer, dict) and ("predictions" in answer or "outputs" in answer)):
+        problems.append(f"no probabilities in {answer!r}"[:300])
     return problems
 
 

@@ -22,6 +22,7 @@ CHUNK = 64 * 1024
 
 def headers(request: Request) -> dict[str, str]:
     found = {"Content-Type": request.content_type} if request.content_type else {}
+    found.update(request.headers)
     if request.key:
         found["Authorization"] = f"Bearer {request.key}"
     return found

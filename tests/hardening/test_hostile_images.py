@@ -1,4 +1,4 @@
-"""Hostile and odd images: through predict (in-process) and through the shared decoder.
+"""Hostile and odd images: through predict and the standard protocols (in-process), and the shared decoder.
 
 Broken images get 400, non-images 415, sizes over the pixel limit 400 before any pixel is
 decoded; odd but valid images (CMYK, 16-bit, palette with transparency, LA, 10,000 GIF
@@ -7,12 +7,14 @@ frames, EXIF rotation) get a prediction.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
 import pytest
 from PIL import Image
 
+from service.open_inference import serialize_bytes
 from tests.hardening import corpus
 from tests.hardening.send import send_wsgi
 from training.images import preprocess_image
@@ -26,6 +28,28 @@ def test_image_over_http(app, tally, case):
     status, body = send_wsgi(app, case.request)
     problems = corpus.check_answer(case, status, body)
     tally.add("images/http", problems, case.id)
+    assert not problems, problems
+
+
+def protocol_requests(case: corpus.Case) -> dict[str, corpus.Request]:
+    """The case's image as the Open Inference Protocol's binary BYTES tensor and as TF Serving's b64 instance."""
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(case.data) + 4}}]}).encode()
+    v2 = corpus.Request("POST", f"/v2/models/{corpus.MODEL}/infer", header + serialize_bytes([case.data]),
+                        "application/octet-stream", headers={"Inference-Header-Content-Length": str(len(header))})
+    tfserving = corpus.Request("POST", f"/v1/models/{corpus.MODEL}:predict", json.dumps(
+        {"instances": [{"b64": base64.b64encode(case.data).decode()}]}).encode(), "application/json")
+    return {"v2": v2, "tfserving": tfserving}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_image_over_the_standard_protocols(app, tally, case):
+    """The same status and reason as v1, in the protocols' error shape; a valid image gets probabilities."""
+    problems = []
+    for protocol, request in protocol_requests(case).items():
+        status, body = send_wsgi(app, request)
+        problems += [f"{protocol}: {problem}" for problem in corpus.check_protocol_answer(case, status, body)]
+    tally.add("images/protocols", problems, case.id)
     assert not problems, problems
 
 
