@@ -134,7 +134,8 @@ def run(url: str, train_key: str, predict_key: str, timeout_s: float) -> None:
         say(f"model smoke v{version} trained in {timings['train job']:.1f} s: metrics {job['result'].get('metrics')}")
 
         started = time.monotonic()
-        files = [("image", (path.name, path.read_bytes(), "image/png")) for path in held]
+        held_images = [path.read_bytes() for path in held]  # the folder goes with the `with`
+        files = [("image", (path.name, data, "image/png")) for path, data in zip(held, held_images)]
         answer = expect(requests.post(f"{url}/v1/models/smoke/predict?top_k=2", files=files, headers=predict_auth,
                                       timeout=120), 200, "predict")
         timings["predict"] = time.monotonic() - started
@@ -156,17 +157,16 @@ def run(url: str, train_key: str, predict_key: str, timeout_s: float) -> None:
     if not smoke or smoke[0].get("published") != version or sorted(smoke[0].get("classes", [])) != sorted(CLASSES):
         fail(f"/v1/models does not list smoke v{version} published with classes {CLASSES}: {listed}")
     started = time.monotonic()
-    check_protocol_and_export(url, train_auth, predict_auth, version, held, predictions, timeout_s)
+    check_protocol_and_export(url, train_auth, predict_auth, version, held_images, predictions, timeout_s)
     timings["v2 infer and export"] = time.monotonic() - started
     say("timings: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
 
 
-def check_protocol_and_export(url: str, train_auth: dict, predict_auth: dict, version: int, held: list[Path],
+def check_protocol_and_export(url: str, train_auth: dict, predict_auth: dict, version: int, images: list[bytes],
                               predictions: list[dict], timeout_s: float) -> None:
     """The Open Inference Protocol answers v1's labels; an export made by the worker container does too."""
     import base64
 
-    images = [path.read_bytes() for path in held]
     body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(images)],
                         "data": [base64.b64encode(image).decode() for image in images]}],
             "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}
