@@ -9,6 +9,7 @@ saved whole (backbone + head), since its backbone no longer matches the shared o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tempfile
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import keras
 import numpy as np
 
 from training.errors import InvalidInput
-from training.features import load_batch
+from training.features import Loader, load_batch
 from training.head import balanced_class_weights, fit_with_hooks, make_optimizer, top_k_metric
 from training.progress import CancelFn, ProgressFn, never_cancel, no_progress
 
@@ -54,16 +55,18 @@ class FineTuneParams:
 
 
 class ImageBatches(keras.utils.PyDataset):
-    """Batches of preprocessed images and labels, decoded from files on demand."""
+    """Batches of preprocessed images and labels, loaded on demand by `load`, ahead of the training step.
 
-    def __init__(self, paths: Sequence, labels: np.ndarray, image_size: int, batch_size: int,
+    Two loader threads prepare the next batches while the backbone trains on the current one.
+    """
+
+    def __init__(self, paths: Sequence, labels: np.ndarray, load: Loader, batch_size: int,
                  shuffle: bool, seed: int = 0) -> None:
-        super().__init__()
-        self.paths, self.labels = list(paths), np.asarray(labels)
-        self.image_size, self.batch_size, self.shuffle = image_size, batch_size, shuffle
+        super().__init__(workers=2, use_multiprocessing=False, max_queue_size=4)
+        self.paths, self.labels, self.load = list(paths), np.asarray(labels), load
+        self.batch_size, self.shuffle = batch_size, shuffle
         self.order = np.arange(len(self.paths))
         self.rng = np.random.default_rng(seed)
-        self.pool = ThreadPoolExecutor(max_workers=4)
         self.on_epoch_end()
 
     def __len__(self) -> int:
@@ -71,8 +74,7 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        pixels = load_batch([self.paths[i] for i in chosen], self.image_size, self.pool)
-        return pixels, self.labels[chosen]
+        return self.load([self.paths[i] for i in chosen]), self.labels[chosen]
 
     def on_epoch_end(self) -> None:
         if self.shuffle:
@@ -139,8 +141,13 @@ def fine_tune(backbone_model, head: keras.Model, image_size: int, n_classes: int
               train: tuple[Sequence, np.ndarray], val: tuple[Sequence, np.ndarray],
               params: FineTuneParams = FineTuneParams(), progress: ProgressFn = no_progress,
               cancel: CancelFn = never_cancel,
-              workdir: str | Path | None = None) -> tuple[keras.Model, dict, list[str]]:
-    """Train backbone top and head end to end; return the whole model, history and unfrozen layers."""
+              workdir: str | Path | None = None,
+              load: Loader | None = None) -> tuple[keras.Model, dict, list[str]]:
+    """Train backbone top and head end to end; return the whole model, history and unfrozen layers.
+
+    `load` gives a batch of files' pixels (default: decode them each time; the pipeline passes its
+    `DecodedImages.batch`, so each image is decoded once for every epoch and the validation after).
+    """
     # Copies: the process's shared, frozen backbone is left untouched, and the head-only
     # model stays as it was, as the fallback and the baseline it is compared with.
     backbone_copy = copy_model(backbone_model, workdir)
@@ -156,9 +163,17 @@ def fine_tune(backbone_model, head: keras.Model, image_size: int, n_classes: int
     # large gradient from undoing pretrained layers.
     trainer.compile(optimizer=make_optimizer(params.optimizer, params.learning_rate, clipnorm=1.0),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy", top_k_metric(n_classes)])
-    train_batches = ImageBatches(train[0], train[1], image_size, params.batch_size, shuffle=True)
-    val_batches = ImageBatches(val[0], val[1], image_size, params.batch_size, shuffle=False)
+    pool = None
+    if load is None:
+        pool = ThreadPoolExecutor(max_workers=4)
+        load = functools.partial(load_batch, image_size=image_size, pool=pool)
+    train_batches = ImageBatches(train[0], train[1], load, params.batch_size, shuffle=True)
+    val_batches = ImageBatches(val[0], val[1], load, params.batch_size, shuffle=False)
     weights = balanced_class_weights(np.asarray(train[1]), n_classes)
-    history = fit_with_hooks(trainer, train_batches, None, val_batches, params.epochs, None, weights,
-                             params.patience, "fine-tune", progress, cancel)
+    try:
+        history = fit_with_hooks(trainer, train_batches, None, val_batches, params.epochs, None, weights,
+                                 params.patience, "fine-tune", progress, cancel)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False)
     return model, history, unfrozen

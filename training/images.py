@@ -122,11 +122,15 @@ def vgg19_preprocess(batch: np.ndarray) -> np.ndarray:
     return vgg19.preprocess_input(np.asarray(batch, dtype=np.float32))
 
 
+def decode_resized(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image bytes as RGB uint8 pixels of shape (image_size, image_size, 3): all of the preprocessing but VGG19's."""
+    image = decode_image(data, max_pixels=max_pixels, draft_size=image_size)
+    return resize_rgb(np.asarray(image, dtype=np.uint8), image_size)
+
+
 def preprocess_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Turn image bytes into the backbone's float32 input of shape (image_size, image_size, 3)."""
-    image = decode_image(data, max_pixels=max_pixels, draft_size=image_size)
-    rgb = resize_rgb(np.asarray(image, dtype=np.uint8), image_size)
-    return vgg19_preprocess(rgb)
+    return vgg19_preprocess(decode_resized(data, image_size, max_pixels))
 
 
 def check_image_size(image_size: int) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 from training.backbone import BackboneSpec, backbone_id, effective_precision, shared_backbone, weights_id
 from training.data.dataset import Dataset, IngestLimits
 from training.data.ingest import ingest, work_folder
+from training.decoded import DecodedImages
 from training.errors import InvalidInput
 from training.evaluate import evaluate, summary_scores
 from training.features import FeatureCache, extract_features
@@ -155,8 +156,12 @@ def train(source: str | Path | Dataset, name: str, settings: Settings, params: T
         def get_backbone():
             return shared_backbone(spec, settings.keras_home, precision)
 
+        paths = [item.path for item in dataset.items]
+        # Fine-tuning reads the images every epoch and validates on them after: decode each once for the run.
+        load = DecodedImages(paths, spec.image_size, workdir, settings.max_image_pixels).batch \
+            if params.fine_tune else None
         features, computed = extract_features(dataset.items, cache, get_backbone, spec.image_size,
-                                              params.feature_batch_size, progress, cancel)
+                                              params.feature_batch_size, progress, cancel, load)
         lap("features")
 
         head, history = train_head(features[train_idx], labels[train_idx], features[val_idx], labels[val_idx],
@@ -164,7 +169,6 @@ def train(source: str | Path | Dataset, name: str, settings: Settings, params: T
         lap("head")
 
         model, kind, fine_tune_history, unfrozen, fine_tune_report = head, "head", {}, [], None
-        paths = [item.path for item in dataset.items]
         # Validation is scored by the method that serves the version, so its recorded metrics are what it answers.
         probabilities = LoadedModel.unsaved(name, "head", classes, spec.image_size, head).probabilities(
             features=features[val_idx])
@@ -172,10 +176,10 @@ def train(source: str | Path | Dataset, name: str, settings: Settings, params: T
             tuned, fine_tune_history, unfrozen = fine_tune(
                 get_backbone().model, head, spec.image_size, len(classes),
                 ([paths[i] for i in train_idx], labels[train_idx]), ([paths[i] for i in val_idx], labels[val_idx]),
-                params.fine_tune, progress, cancel, workdir)
+                params.fine_tune, progress, cancel, workdir, load)
             lap("fine-tune")
             tuned_probabilities = file_probabilities(LoadedModel.unsaved(name, "full", classes, spec.image_size, tuned),
-                                                     [paths[i] for i in val_idx])
+                                                     [paths[i] for i in val_idx], load=load)
             head_accuracy = summary_scores(probabilities, labels[val_idx])["accuracy"]
             tuned_accuracy = summary_scores(tuned_probabilities, labels[val_idx])["accuracy"]
             # Fine-tuning can overfit a small dataset; keep whichever validates better

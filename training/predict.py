@@ -7,6 +7,7 @@ Training's validation scoring, `python -m training predict|evaluate` and the ser
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ from training.data.dataset import IngestLimits
 from training.data.ingest import ingest, work_folder
 from training.errors import DatasetError, WeightsError
 from training.evaluate import evaluate
-from training.features import FeatureCache, extract_features, load_batch
+from training.features import FeatureCache, Loader, extract_features, load_batch
 from training.head import head_probabilities
 from training.images import DEFAULT_MAX_PIXELS
 from training.settings import Settings
@@ -71,11 +72,15 @@ class LoadedModel:
 
 
 def file_probabilities(model: LoadedModel, paths: Sequence[str | Path], forward: Forward | None = None,
-                       batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Class probabilities of image files, `batch_size` images decoded at a time so memory stays bounded."""
+                       batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       load: Loader | None = None) -> np.ndarray:
+    """Class probabilities of image files, `batch_size` images decoded at a time so memory stays bounded.
+
+    `load` gives a batch's pixels instead of decoding the files (a training run's `DecodedImages.batch`).
+    """
     with ThreadPoolExecutor(max_workers=4) as pool:
-        parts = [model.probabilities(load_batch(paths[start:start + batch_size], model.image_size, pool, max_pixels),
-                                     forward=forward)
+        load = load or functools.partial(load_batch, image_size=model.image_size, pool=pool, max_pixels=max_pixels)
+        parts = [model.probabilities(load(paths[start:start + batch_size]), forward=forward)
                  for start in range(0, len(paths), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, len(model.classes)))
 

@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from training.errors import InvalidInput, ModelNotFoundError, StoreConflictError, StoreFullError
 
@@ -61,18 +62,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file, flush it to disk, and rename it over `path`."""
+def write_file_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Let `write` fill a temporary file, flush it to disk, and rename it over `path` (a reader sees all or none)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file, flush it to disk, and rename it over `path`."""
+    write_file_atomic(path, lambda handle: handle.write(json.dumps(data, indent=2, ensure_ascii=False).encode()))
     fsync_dir(path.parent)
 
 

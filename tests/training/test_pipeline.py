@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from training.backbone import BackboneSpec, shared_backbone
+from training.data.ingest import ingest
 from training.errors import Cancelled, DatasetError
+from training.features import FeatureCache
 from training.options import parse_options
 from training.pipeline import train
 from training.predict import evaluate_dataset, load_version, predict_files
@@ -83,11 +85,13 @@ def test_cached_features_equal_fresh_ones(small_digits_dir, settings, tmp_path):
     train(small_digits_dir, "a", settings, params)
     other = dataclasses.replace(settings, data_dir=tmp_path / "other-data")
     train(small_digits_dir, "a", other, params)
-    first = sorted((settings.data_dir / "features").rglob("*.npy"))
-    second = sorted((other.data_dir / "features").rglob("*.npy"))
-    assert [p.name for p in first] == [p.name for p in second] and len(first) == 36
-    for a, b in zip(first, second):
-        np.testing.assert_allclose(np.load(a), np.load(b), rtol=1e-5, atol=1e-5)
+    hashes = [item.sha256 for item in ingest(small_digits_dir, tmp_path / "dataset").items]
+    caches = [FeatureCache(s.feature_cache_dir, folder.name, 512) for s in (settings, other)
+              for folder in s.feature_cache_dir.iterdir()]
+    first, second = (cache.lookup(hashes) for cache in caches)
+    assert len(caches) == 2 and sorted(first) == sorted(second) == sorted(hashes) and len(hashes) == 36
+    for sha256 in hashes:
+        np.testing.assert_allclose(first[sha256], second[sha256], rtol=1e-5, atol=1e-5)
 
 
 def test_cancel_during_features_writes_nothing(small_digits_dir, settings):

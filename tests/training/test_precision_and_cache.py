@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,37 +98,87 @@ def test_versions_are_served_in_the_precision_they_were_trained_in(settings, mon
     assert serving_precision(bf16, told) == "float32"
 
 
-def test_a_torn_or_foreign_cache_entry_is_recomputed_not_trusted(tmp_path):
+def shard_files(cache: FeatureCache) -> tuple[Path, Path]:
+    """The one shard's rows and keys."""
+    (keys,) = sorted(cache.root.glob("*.keys"))
+    return keys.with_suffix(".npy"), keys
+
+
+def test_a_torn_or_foreign_shard_is_recomputed_not_trusted(tmp_path):
     cache = FeatureCache(tmp_path, "backbone", feature_dim=4)
-    sha = "ab" * 32
-    cache.put(sha, np.arange(4, dtype=np.float32))
-    np.testing.assert_array_equal(cache.get(sha), np.arange(4))
-    path = tmp_path / "backbone" / sha[:2] / f"{sha}.npy"
-    path.write_bytes(b"")  # a power loss after the rename, before the data reached the disk
-    assert cache.get(sha) is None
-    path.write_bytes(path.read_bytes() + b"\x93NUMPY")  # a torn header
-    assert cache.get(sha) is None
-    np.save(path, np.zeros(8, np.float32))  # another backbone's length
-    assert cache.get(sha) is None
-    np.save(path, np.zeros(4, np.float64))
-    assert cache.get(sha) is None
-    cache.put(sha, np.ones(4, np.float32))  # recomputed and stored again
-    np.testing.assert_array_equal(cache.get(sha), np.ones(4))
+    hashes = ["ab" * 32, "cd" * 32]
+    cache.add(hashes, np.arange(8, dtype=np.float32).reshape(2, 4))
+    found = cache.lookup([*hashes, "ef" * 32])
+    assert sorted(found) == hashes and found[hashes[1]].tolist() == [4, 5, 6, 7]
+    rows, keys = shard_files(cache)
+    intact = rows.read_bytes()
+    for damaged in (b"", intact[:-8], intact[:40] + b"\x93NUMPY"):  # a power loss, a cut, a torn header
+        rows.write_bytes(damaged)
+        assert cache.lookup(hashes) == {}
+    np.save(rows, np.zeros((2, 8), np.float32))  # another backbone's length
+    assert cache.lookup(hashes) == {}
+    np.save(rows, np.zeros((2, 4), np.float64))
+    assert cache.lookup(hashes) == {}
+    np.save(rows, np.zeros((3, 4), np.float32))  # rows that do not match the keys
+    assert cache.lookup(hashes) == {}
+    keys.unlink()
+    rows.unlink()
+    cache.add(hashes[:1], np.ones((1, 4), np.float32))  # recomputed and stored again
+    assert list(cache.lookup(hashes)) == hashes[:1]
 
 
-def test_training_recomputes_an_emptied_cache_file(small_digits_dir, settings):
+def test_a_shard_is_visible_only_once_its_keys_are_written(tmp_path):
+    cache = FeatureCache(tmp_path, "backbone", feature_dim=4)
+    cache.root.mkdir(parents=True)
+    np.save(cache.root / "orphan.npy", np.ones((1, 4), np.float32))  # a crash between the two renames
+    assert cache.lookup(["ab" * 32]) == {}
+
+
+def test_features_of_the_one_file_per_image_layout_are_still_read(tmp_path):
+    cache = FeatureCache(tmp_path, "backbone", feature_dim=4)
+    sha256 = "ab" * 32
+    (cache.root / "ab").mkdir(parents=True)
+    np.save(cache.root / "ab" / f"{sha256}.npy", np.full(4, 2, np.float32))
+    np.save(cache.root / "ab" / f"{'ac' * 32}.npy", np.zeros(3, np.float32))  # damaged: recomputed
+    assert list(cache.lookup([sha256, "ac" * 32])) == [sha256]
+
+
+def test_features_go_to_the_cache_a_shard_at_a_time_and_a_cancel_keeps_them(small_digits_dir, tmp_path, monkeypatch):
+    import training.features as features
+    from training.errors import Cancelled
+
+    items = [types.SimpleNamespace(path=path, sha256=f"{index:064x}")
+             for index, path in enumerate(sorted(small_digits_dir.glob("*/*.png"))[:10])]
+    backbone = types.SimpleNamespace(features=lambda pixels: pixels.reshape(len(pixels), -1)[:, :4] + 1000)
+    cache = FeatureCache(tmp_path, "backbone", feature_dim=4)
+    monkeypatch.setattr(features, "SHARD_ROWS", 4)
+    batches = []
+
+    def cancel_after_three_batches():
+        return sum(report.current > 0 for report in batches) >= 3  # three batches of two done
+
+    with pytest.raises(Cancelled):
+        features.extract_features(items, cache, lambda: backbone, 32, batch_size=2, progress=batches.append,
+                                  cancel=cancel_after_three_batches)
+    assert len(list(cache.root.glob("*.keys"))) == 2  # a full shard of 4, then the 2 computed before the cancel
+    vectors, computed = features.extract_features(items, cache, lambda: backbone, 32, batch_size=2)
+    assert computed == 4 and vectors.shape == (10, 4)
+    assert len(cache.lookup(item.sha256 for item in items)) == 10
+
+
+def test_training_recomputes_a_damaged_shard(small_digits_dir, settings):
     from training.options import parse_options
     from training.pipeline import train
 
     params = parse_options({"image_size": 32, "epochs": 2})
     first = train(small_digits_dir, "torn", settings, params)
-    files = sorted(settings.feature_cache_dir.rglob("*.npy"))
-    assert first.features_computed == len(files) == 36
-    files[0].write_bytes(b"")
-    files[1].write_bytes(files[1].read_bytes()[:40])
+    (shard,) = sorted(settings.feature_cache_dir.rglob("*.npy"))
+    assert first.features_computed == 36
+    shard.write_bytes(shard.read_bytes()[:200])
     again = train(small_digits_dir, "torn", settings, params)
-    assert again.features_computed == 2
+    assert again.features_computed == 36
     assert again.metrics["confusion_matrix"] == first.metrics["confusion_matrix"]
+    assert train(small_digits_dir, "torn", settings, params).features_computed == 0
 
 
 def test_a_weights_file_replaced_at_the_same_path_gives_a_new_shared_backbone(tmp_path):
