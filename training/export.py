@@ -185,9 +185,26 @@ def write_savedmodel(model, folder: Path, loaded: LoadedModel) -> Path:
     path = folder / loaded.name / str(loaded.version)
     path.parent.mkdir()
     log.info("writing the SavedModel")
-    with_named_output(model).export(path, format="tf_saved_model", input_signature=input_signature(loaded.image_size),
-                                    verbose=False)
+    write_saved_model_once(with_named_output(model), path, input_signature(loaded.image_size))
     return path.relative_to(folder) / "saved_model.pb"
+
+
+def write_saved_model_once(model, path: Path, signature: list) -> None:
+    """What `model.export(format="tf_saved_model")` writes, with every variable stored once.
+
+    Keras 3.15 stores each variable twice (keras-team/keras#23553): `track()` records the keras.Variable
+    wrappers and the traced endpoint captures the tf.Variables inside them, two objects that TensorFlow's
+    checkpoint cannot unify, so the file and the memory of every server loading it (TF Serving) double.
+    Tracking the tf.Variables themselves lets the checkpoint store each once.
+    """
+    from keras.export import ExportArchive
+
+    archive = ExportArchive()
+    archive.track_and_add_endpoint("serve", model, signature)
+    tracked = archive._tf_trackable  # Keras' own collections, filled by track(); no public way to unwrap them
+    for collection in ("variables", "trainable_variables", "non_trainable_variables"):
+        setattr(tracked, collection, [getattr(v, "value", v) for v in getattr(tracked, collection)])
+    archive.write_out(path, verbose=False)
 
 
 def write_onnx(model, folder: Path, loaded: LoadedModel) -> Path:

@@ -220,6 +220,18 @@ def test_savedmodel_is_a_tf_serving_model_base_path(exports, trained):
     assert signature.structured_outputs[OUTPUT_NAME].shape.as_list() == [None, 3]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_savedmodel_stores_each_weight_once(exports, trained, export_settings, kind):
+    """Not twice, as Keras' own export does (keras-team/keras#23553): that doubles TF Serving's memory too."""
+    result = exports(kind, "savedmodel")
+    stored = sum(path.stat().st_size for path in (result.root / result.model_file.parent / "variables").iterdir())
+    model = keras.saving.load_model(ModelStore(export_settings.model_dir).model_path(trained[kind], 1)[1])
+    weights = sum(np.prod(w.shape) * 4 for w in model.weights)
+    if kind == "head":
+        weights += 20_024_384 * 4  # the VGG19 backbone the head-only version is exported with
+    assert weights <= stored <= 1.05 * weights, (stored, weights)
+
+
 def pbtxt_tensor(config: str, section: str) -> dict:
     """The one tensor of an `input [...]` or `output [...]` block of a Triton config."""
     block = re.search(rf"^{section} \[\n(.*?)^\]", config, re.S | re.M).group(1)
