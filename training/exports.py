@@ -104,11 +104,13 @@ class ExportStore:
         self._write(self._file(name, version, fmt, "requested"), {"at": time.time()})
         self._file(name, version, fmt, "error").unlink(missing_ok=True)
 
-    def build(self, settings: Settings, name: str, version: int, fmt: str) -> Path | None:
-        """Make the archive unless it exists or another process is making it; return it (None if skipped)."""
-        with self._lock(name, version, fmt) as held:
-            if not held:
-                return None
+    def build(self, settings: Settings, name: str, version: int, fmt: str) -> Path:
+        """Make the archive unless it exists; return it.
+
+        Waits for the build lock: another worker making the same export finishes first (and this one
+        returns its archive), and an API process probing the lock (`state`) holds it only for an instant.
+        """
+        with self._lock(name, version, fmt, wait=True):
             existing = self.archive(name, version, fmt)
             if existing is not None:
                 return existing
@@ -136,18 +138,18 @@ class ExportStore:
         """Remove a version's exports (its version was deleted)."""
         shutil.rmtree(self.root / validate_name(name) / str(int(version)), ignore_errors=True)
 
-    def _lock(self, name: str, version: int, fmt: str) -> contextlib.AbstractContextManager[bool]:
-        """Hold the build lock if no other process does; yield whether it is held."""
+    def _lock(self, name: str, version: int, fmt: str, wait: bool) -> contextlib.AbstractContextManager[bool]:
+        """Hold the build lock (at once or not at all unless `wait`); yield whether it is held."""
         path = self._file(name, version, fmt, "lock")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return file_lock(path, wait=False)
+        return file_lock(path, wait)
 
     def _building(self, name: str, version: int, fmt: str) -> bool:
         """Whether a worker holds the build lock now."""
         path = self._file(name, version, fmt, "lock")
         if not path.exists():
             return False
-        with self._lock(name, version, fmt) as held:
+        with self._lock(name, version, fmt, wait=False) as held:
             return not held
 
     @staticmethod

@@ -113,14 +113,22 @@ class Case:
 # --- checking answers --------------------------------------------------------------------------------------------
 
 
-def check_answer(case: Case, status: int, body: bytes) -> list[str]:
-    """What is wrong with the service's answer to `case` (empty: it is the expected one)."""
-    expect = case.expect
-    problems = [] if status == expect.status else [f"status {status}, expected {expect.status}"]
+def status_and_json(case: Case, status: int, body: bytes) -> tuple[list[str], object]:
+    """The problems with an answer's status, and its JSON (None, with a problem said, when it is not JSON)."""
+    problems = [] if status == case.expect.status else [f"status {status}, expected {case.expect.status}"]
     try:
         answer = json.loads(body)
     except ValueError:
-        return [*problems, f"body is not JSON: {body[:200]!r}"]
+        return [*problems, f"body is not JSON: {body[:200]!r}"], None
+    return (problems, answer) if answer is not None else ([*problems, "body is JSON null"], None)
+
+
+def check_answer(case: Case, status: int, body: bytes) -> list[str]:
+    """What is wrong with the service's answer to `case` (empty: it is the expected one)."""
+    expect = case.expect
+    problems, answer = status_and_json(case, status, body)
+    if answer is None:
+        return problems
     if status >= 400:
         error = answer.get("error") if isinstance(answer, dict) else None
         if not isinstance(error, dict) or set(error) != {"code", "message"}:
@@ -141,11 +149,9 @@ def check_answer(case: Case, status: int, body: bytes) -> list[str]:
 def check_protocol_answer(case: Case, status: int, body: bytes) -> list[str]:
     """What is wrong with a standard protocol's answer (Open Inference, TF Serving) to an image case."""
     expect = case.expect
-    problems = [] if status == expect.status else [f"status {status}, expected {expect.status}"]
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        return [*problems, f"body is not JSON: {body[:200]!r}"]
+    problems, answer = status_and_json(case, status, body)
+    if answer is None:
+        return problems
     if status >= 400:
         if not isinstance(answer, dict) or not isinstance(answer.get("error"), str):
             return [*problems, f"not the protocols' error shape: {answer!r}"[:300]]

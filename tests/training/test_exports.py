@@ -62,27 +62,32 @@ def test_a_request_is_queued_until_it_is_stale(store, monkeypatch):
     assert store.state("parts", 1, "tflite")["status"] == "missing"  # the message was lost: the API sends it again
 
 
-def test_a_build_in_progress_is_running_and_a_second_build_does_not_start(store, settings, monkeypatch):
-    started, release = threading.Event(), threading.Event()
+def test_a_build_in_progress_is_running_and_a_second_build_waits_for_it(store, settings, monkeypatch):
+    started, release, made = threading.Event(), threading.Event(), []
 
     def slow_export(settings, name, version, fmt, out):
+        made.append(fmt)
         started.set()
         release.wait(10)
         out.mkdir()
         (out / "model.keras").write_bytes(b"k")
 
     monkeypatch.setattr(training.export, "export_version", slow_export)
-    first = threading.Thread(target=store.build, args=(settings, "parts", 1, "keras"))
-    first.start()
+    results = []
+    builds = [threading.Thread(target=lambda: results.append(store.build(settings, "parts", 1, "keras")))
+              for _ in range(2)]
+    builds[0].start()
     try:
         assert started.wait(10)
-        assert store.state("parts", 1, "keras")["status"] == "running"
+        builds[1].start()  # another worker got the same message
+        assert store.state("parts", 1, "keras")["status"] == "running"  # the probe does not stop either build
         assert store.archive("parts", 1, "keras") is None  # nothing half-made is visible
-        assert store.build(settings, "parts", 1, "keras") is None  # another process holds the lock
     finally:
         release.set()
-        first.join(10)
+        for build in builds:
+            build.join(10)
     assert store.state("parts", 1, "keras")["status"] == "ready"
+    assert made == ["keras"] and len(results) == 2 and results[0] == results[1]  # made once, both return it
 
 
 def test_a_failure_is_kept_with_its_reason_and_retried_later(store, settings, monkeypatch):
