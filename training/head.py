@@ -9,7 +9,9 @@ The head standardizes its input itself, so it takes raw backbone features.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
 
 import keras
 import numpy as np
@@ -154,29 +156,145 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> dict[int, floa
 
 def fit_with_hooks(model: keras.Model, x, y, validation, epochs: int, batch_size: int | None,
                    class_weight, patience: int, phase: str, progress: ProgressFn, cancel: CancelFn,
-                   validation_in_hooks: bool = False) -> dict:
+                   validation_in_hooks: bool = False, steps_per_epoch: int | None = None) -> dict:
     """Fit with early stopping (best weights restored), progress and cancel; return the history."""
     hooks = TrainingHooks(phase, epochs, progress, cancel, validation if validation_in_hooks else None)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     history = model.fit(x, y, validation_data=None if validation_in_hooks else validation, epochs=epochs,
-                        batch_size=batch_size, class_weight=class_weight, callbacks=[hooks, stop], verbose=0)
+                        batch_size=batch_size, class_weight=class_weight, callbacks=[hooks, stop], verbose=0,
+                        steps_per_epoch=steps_per_epoch, shuffle=steps_per_epoch is None)
     if hooks.cancelled:
         raise Cancelled("training was cancelled")
     return {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
-def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-               n_classes: int, params: HeadParams = HeadParams(),
-               progress: ProgressFn = no_progress, cancel: CancelFn = never_cancel) -> tuple[keras.Model, dict]:
-    """Train a head on features; return the model (best validation loss) and its history."""
-    keras.utils.set_random_seed(params.seed)
+class HeadPool:
+    """Compiled heads kept for the next run with the same shape, so a retrain skips Keras' tracing.
+
+    The first `fit` of a new model traces its train step (twice: once to create variables), about
+    0.9 s, several times the ten epochs themselves on a few hundred images. A worker that trains the
+    same head shape again (a retrain, a hyper-parameter try) takes the traced model from here and
+    resets it to the state a fresh build would have: initial weights, optimizer state, dropout seed.
+    A model is lent to one run at a time; at most `max_idle` wait here, the least recently used go.
+    """
+
+    def __init__(self, max_idle: int = 4) -> None:
+        self.max_idle = max_idle
+        self._idle: collections.OrderedDict[tuple, list[keras.Model]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.reused = 0
+
+    def take(self, key: tuple) -> keras.Model | None:
+        """A model built for `key` and not lent to anyone, or None."""
+        with self._lock:
+            models = self._idle.get(key)
+            if not models:
+                return None
+            model = models.pop()
+            if not models:
+                del self._idle[key]
+            self.reused += 1
+            return model
+
+    def give_back(self, model: keras.Model) -> None:
+        """Make a model that a run has finished with available to the next run of its shape."""
+        key = getattr(model, "_pool_key", None)
+        if key is None:
+            return
+        with self._lock:
+            self._idle.setdefault(key, []).append(model)
+            self._idle.move_to_end(key)
+            while sum(len(models) for models in self._idle.values()) > self.max_idle:
+                oldest = next(iter(self._idle))
+                self._idle[oldest].pop(0)
+                if not self._idle[oldest]:
+                    del self._idle[oldest]
+
+    def clear(self) -> None:
+        """Forget every idle model."""
+        with self._lock:
+            self._idle.clear()
+
+
+HEADS = HeadPool()
+
+
+def _pool_key(feature_dim: int, n_classes: int, params: HeadParams) -> tuple:
+    """What a compiled head's traced train step depends on (epochs and patience only bound the loop)."""
+    return feature_dim, n_classes, dataclasses.replace(params, epochs=1, patience=1), keras.backend.backend()
+
+
+def _new_head(x_train: np.ndarray, n_classes: int, params: HeadParams) -> keras.Model:
+    """Build and compile a head, and keep its initial state so it can be reused as if new."""
     model = build_head(x_train.shape[1], n_classes, params, x_train)
     model.compile(optimizer=make_optimizer(params.optimizer, params.effective_learning_rate, params.momentum),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)
+    model._pool_key = _pool_key(x_train.shape[1], n_classes, params)
+    model._initial_state = [keras.ops.convert_to_numpy(v) for v in _state_variables(model)]
+    return model
+
+
+def _state_variables(model: keras.Model) -> list:
+    """Every variable a run changes: weights, batch-norm statistics, optimizer slots and step, dropout seeds."""
+    seeds = [layer.seed_generator.state for layer in model.layers if getattr(layer, "seed_generator", None)]
+    return list(model.variables) + list(model.optimizer.variables) + seeds
+
+
+def _reset(model: keras.Model, x_train: np.ndarray) -> None:
+    """Put a reused head back in the state `_new_head` left it in, standardized for these features."""
+    for variable, value in zip(_state_variables(model), model._initial_state):
+        variable.assign(value)
+    model.get_layer("standardize").adapt(x_train)
+
+
+def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+               n_classes: int, params: HeadParams = HeadParams(),
+               progress: ProgressFn = no_progress, cancel: CancelFn = never_cancel,
+               pool: HeadPool | None = HEADS) -> tuple[keras.Model, dict]:
+    """Train a head on features; return the model (best validation loss) and its history.
+
+    With a `pool` (under TensorFlow), a head of the same shape that an earlier run gave back is
+    reused (hand the model back with `pool.give_back` once it is saved); the result is the same as a
+    fresh build's, to the bit.
+    """
+    keras.utils.set_random_seed(params.seed)
+    # Only TensorFlow traces the train step (the other backends run it eagerly on the CPU), and only
+    # there does a reused head draw the same random numbers as a fresh one (the tests check that).
+    if keras.backend.backend() != "tensorflow":
+        pool = None
+    model = pool.take(_pool_key(x_train.shape[1], n_classes, params)) if pool is not None else None
+    if model is None:
+        model = _new_head(x_train, n_classes, params)
+    else:
+        _reset(model, x_train)
     weights = balanced_class_weights(y_train, n_classes) if params.class_weights else None
-    history = fit_with_hooks(model, x_train, y_train, (x_val, y_val), params.epochs, params.batch_size,
-                             weights, params.patience, "head", progress, cancel, validation_in_hooks=True)
+    data, labels, batch_size, steps = epoch_batches(x_train, y_train, params.batch_size, params.seed)
+    history = fit_with_hooks(model, data, labels, (x_val, y_val), params.epochs, batch_size, weights,
+                             params.patience, "head", progress, cancel, validation_in_hooks=True,
+                             steps_per_epoch=steps)
     return model, history
+
+
+# Features up to this size go through one repeated tf.data pipeline (see `epoch_batches`).
+REPEATED_DATASET_BYTES = 256 * 2**20
+
+
+def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tuple:
+    """What `fit` trains on: `(x, y, batch_size, steps_per_epoch)` for `model.fit`'s arguments.
+
+    Under TensorFlow, Keras builds a new tf.data iterator for arrays every epoch (about 25 ms
+    each, more than an epoch of a small head): features that fit comfortably in memory go
+    through one reshuffled, repeated dataset instead, one iterator for the whole fit, each
+    epoch still every image once. Other backends, and larger feature sets, take the arrays.
+    """
+    if keras.backend.backend() != "tensorflow" or x.nbytes > REPEATED_DATASET_BYTES:
+        return x, y, batch_size, None
+    import tensorflow as tf
+
+    dataset = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+               .batch(batch_size).repeat())
+    return dataset, None, None, -(-len(x) // batch_size)
 
 
 def head_probabilities(model: keras.Model, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:

@@ -26,7 +26,7 @@ from training.errors import InvalidInput
 from training.evaluate import evaluate, summary_scores
 from training.features import FeatureCache, extract_features
 from training.finetune import FineTuneParams, fine_tune
-from training.head import HeadParams, train_head
+from training.head import HEADS, HeadParams, train_head
 from training.images import PREPROCESSING
 from training.predict import LoadedModel, file_probabilities
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress, raise_if_cancelled
@@ -222,9 +222,12 @@ def train(source: str | Path | Dataset, name: str, settings: Settings, params: T
         "training_seconds": round(time.perf_counter() - started, 3),
         "timings": timings,
     }
-    version, published = ModelStore(settings.model_dir).save_version(
-        name, lambda folder: _write_model_files(folder, model, kind, history, fine_tune_history, metrics, classes),
-        metadata, classes, params.publish)
+    try:
+        version, published = ModelStore(settings.model_dir).save_version(
+            name, lambda folder: _write_model_files(folder, model, kind, history, fine_tune_history, metrics, classes),
+            metadata, classes, params.publish)
+    finally:
+        HEADS.give_back(head)  # saved (or failed): the next run of this head shape reuses its traced train step
     lap("save")
     progress(Progress("save", 1, 1))
     return TrainResult(name=name, version=version, published=published, metrics=metrics, dataset=report,

@@ -9,7 +9,7 @@ import pytest
 from training.backbone import BackboneSpec, build_backbone, weights_id
 from training.errors import Cancelled, WeightsError
 from training.evaluate import evaluate, summary_scores
-from training.head import OPTIMIZERS, HeadParams, balanced_class_weights, head_probabilities, train_head
+from training.head import OPTIMIZERS, HeadParams, HeadPool, balanced_class_weights, head_probabilities, train_head
 
 
 def blobs(n_per_class=(40, 40, 40), dim=16, seed=0, offset=500.0, scale=80.0):
@@ -136,3 +136,59 @@ def test_weights_file_is_loaded_and_named_by_content(tmp_path):
     assert loaded.weights_id.startswith("file")
     pixels = np.ones((1, 32, 32, 3), np.float32)
     np.testing.assert_allclose(loaded.features(pixels), source.features(pixels), rtol=1e-6)
+
+
+def weights_of(model) -> list[np.ndarray]:
+    return [np.array(w) for w in model.get_weights()]
+
+
+needs_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                      reason="heads are pooled under TensorFlow only (the others do not trace)")
+
+
+@needs_tensorflow
+@pytest.mark.parametrize("repeated_dataset", [True, False], ids=["small features", "large features"])
+def test_a_reused_head_trains_exactly_as_a_fresh_one(repeated_dataset, monkeypatch):
+    if not repeated_dataset:
+        monkeypatch.setattr("training.head.REPEATED_DATASET_BYTES", 0)
+    x, y = blobs()
+    params = HeadParams(epochs=6, patience=6)
+    pool = HeadPool()
+    fresh, fresh_history = train_head(x[:90], y[:90], x[90:], y[90:], 3, params, pool=pool)
+    pool.give_back(fresh)
+    shifted = x * 1.5 + 7  # other features: the reused head must standardize for them, not the first run's
+    other, _ = train_head(shifted[:90], y[:90], shifted[90:], y[90:], 3, params, pool=pool)
+    assert other is fresh and pool.reused == 1
+    pool.give_back(other)
+    again, again_history = train_head(x[:90], y[:90], x[90:], y[90:], 3, params, pool=pool)
+    assert again is fresh and pool.reused == 2
+    assert again_history == fresh_history
+    first = train_head(x[:90], y[:90], x[90:], y[90:], 3, params, pool=None)[0]
+    for reused, built in zip(weights_of(again), weights_of(first), strict=True):
+        np.testing.assert_array_equal(reused, built)
+
+
+@needs_tensorflow
+def test_the_pool_lends_a_head_to_one_run_at_a_time_and_only_for_its_shape():
+    x, y = blobs()
+    pool = HeadPool(max_idle=1)
+    model, _ = train_head(x[:90], y[:90], x[90:], y[90:], 3, HeadParams(epochs=2), pool=pool)
+    pool.give_back(model)
+    wider, _ = train_head(x[:90], y[:90], x[90:], y[90:], 3, HeadParams(epochs=2, hidden_units=64), pool=pool)
+    assert wider is not model and pool.reused == 0  # another shape: built anew
+    borrowed, _ = train_head(x[:90], y[:90], x[90:], y[90:], 3, HeadParams(epochs=2), pool=pool)
+    assert borrowed is model
+    second, _ = train_head(x[:90], y[:90], x[90:], y[90:], 3, HeadParams(epochs=2), pool=pool)
+    assert second is not model  # still lent to the run above
+    pool.give_back(borrowed)
+    pool.give_back(second)  # over max_idle: the older one goes
+    assert pool.take(next(iter(pool._idle))) is second
+
+
+def test_other_backends_build_every_head_anew():
+    x, y = blobs()
+    pool = HeadPool()
+    model, _ = train_head(x[:90], y[:90], x[90:], y[90:], 3, HeadParams(epochs=2), pool=pool)
+    pool.give_back(model)
+    again, _ = train_head(x[:90], y[:90], x[90:], y[90:], 3, HeadParams(epochs=2), pool=pool)
+    assert (again is model) == (keras.backend.backend() == "tensorflow")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 
+import keras
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from training.backbone import BackboneSpec, shared_backbone
 from training.data.ingest import ingest
 from training.errors import Cancelled, DatasetError
 from training.features import FeatureCache
+from training.head import HEADS
 from training.options import parse_options
 from training.pipeline import train
 from training.predict import evaluate_dataset, load_version, predict_files
@@ -73,7 +75,12 @@ def test_retraining_computes_only_new_images(small_digits_dir, settings, tmp_pat
     params = parse_options(FAST)
     first = train(data, "cache", settings, params)
     assert first.features_computed == 24
-    assert train(data, "cache", settings, params).features_computed == 0
+    reused = HEADS.reused
+    again = train(data, "cache", settings, params)
+    assert again.features_computed == 0
+    pooled = keras.backend.backend() == "tensorflow"  # the head the first run gave back, its train step traced
+    assert HEADS.reused == reused + pooled
+    assert again.metrics == first.metrics and again.history == first.history  # and it trains as a fresh one
     copy_dataset(small_digits_dir, tmp_path / "more", per_class=12)
     superset = train(tmp_path / "more", "cache", settings, params)
     assert superset.features_computed == 12  # only the four new images per class
