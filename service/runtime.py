@@ -28,10 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service.batching import BatcherClosed, MicroBatcher
+from service.batching import BatcherClosed, MicroBatcher, padded, padded_sizes
 from service.model_cache import ModelCache
 from training.backbone import BackboneSpec, backbone_id, build_backbone, weights_id
 from training.errors import ImageError, InvalidInput, ModelUnavailable, TrainingError
+from training.head import warm_head
 from training.images import preprocess_image, vgg19_preprocess
 from training.predict import LoadedModel, backbone_spec, load_version, serving_precision, top_k_labels
 from training.settings import Settings
@@ -109,6 +110,8 @@ class ModelRuntime:
         loaded = load_version(self.store, name, version)
         self.hooks.on_load(name)
         batcher = None
+        if loaded.kind == "head":
+            warm_head(loaded.keras_model)  # in the load, which concurrent first requests wait for once
         if loaded.kind == "full":
             batcher = self._batcher(loaded.keras_model.predict_on_batch, f"model-{name}-{version}", loaded.image_size)
         return Served(model=loaded, batcher=batcher), weight_bytes(loaded.keras_model)
@@ -140,12 +143,13 @@ class ModelRuntime:
 
     def rows_per_forward(self, image_size: int) -> int:
         """Images in one forward pass: MAX_BATCH_SIZE, fewer for large images (MAX_BATCH_PIXELS)."""
-        s = self.settings
-        return max(1, min(s.max_batch_size, s.max_batch_pixels // (image_size * image_size)))
+        return rows_per_forward(self.settings, image_size)
 
     def _batcher(self, forward, name: str, image_size: int) -> MicroBatcher:
-        s = self.settings
-        return MicroBatcher(forward, self.rows_per_forward(image_size), s.max_batch_wait_ms, s.max_queue_images,
+        s, rows = self.settings, self.rows_per_forward(image_size)
+        if pads_batches(s):
+            forward = padded(forward, padded_sizes(rows))
+        return MicroBatcher(forward, rows, s.max_batch_wait_ms, s.max_queue_images,
                             name=name, on_batch=self.hooks.on_batch, timeout_s=s.predict_timeout_s)
 
     # --- forward passes -----------------------------------------------------------------------------------------
@@ -265,6 +269,24 @@ class ModelRuntime:
         """Stop the batching threads and unload every model."""
         self._cache.close()
         self._decoders.shutdown(wait=False)
+
+
+def rows_per_forward(settings: Settings, image_size: int) -> int:
+    """Images in one forward pass: MAX_BATCH_SIZE, fewer for large images (MAX_BATCH_PIXELS)."""
+    return max(1, min(settings.max_batch_size, settings.max_batch_pixels // (image_size * image_size)))
+
+
+def pads_batches(settings: Settings) -> bool:
+    """Whether forward passes are padded to a few batch sizes: PAD_BATCHES, or under JAX when it is `auto`.
+
+    JAX compiles the backbone once per batch shape; TensorFlow and PyTorch run any size as it comes,
+    and padding there would only spend the CPU on zero rows.
+    """
+    if settings.pad_batches == "auto":
+        import keras
+
+        return keras.backend.backend() == "jax"
+    return settings.pad_batches == "on"
 
 
 def check_pixels(rgb: np.ndarray, image_size: int) -> None:

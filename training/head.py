@@ -298,7 +298,19 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> t
 
 
 def head_probabilities(model: keras.Model, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Class probabilities from features by direct model calls (no traced predict function to build)."""
-    parts = [keras.ops.convert_to_numpy(model(features[i:i + batch_size], training=False))
+    """Class probabilities from features, through the model's traced predict function.
+
+    Traced once per model (a batch shape or two, then any), a call costs about 0.6 ms of CPU
+    where a direct eager call costs about 4.5 ms: serving calls it once per request and model.
+    Training scores its recorded validation probabilities here too, so they are what serving answers.
+    """
+    parts = [np.asarray(model.predict_on_batch(features[i:i + batch_size]))
              for i in range(0, len(features), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]), np.float32)
+
+
+def warm_head(model: keras.Model) -> None:
+    """Trace a head's predict function for any batch size now (two sizes: the second generalises the first)."""
+    dim = model.input_shape[-1]
+    for rows in (1, 2):
+        head_probabilities(model, np.zeros((rows, dim), np.float32))

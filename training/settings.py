@@ -16,6 +16,7 @@ from pathlib import Path
 PRECISIONS = ("float32", "bfloat16")
 # SERVE_PRECISION: `trained` serves each version in the precision its metrics were computed in.
 SERVE_PRECISIONS = ("trained", *PRECISIONS)
+PAD_BATCHES = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Settings:
     max_batch_size: int = 32
     max_batch_wait_ms: float = 5.0
     max_queue_images: int = 256
+    # Pad each forward pass to a power of two (or MAX_BATCH_SIZE): on, off, or auto (on under JAX, whose
+    # compiler specialises on the batch shape).
+    pad_batches: str = "auto"
     # One forward pass holds at most this many image pixels (images x side x side): 32 images of
     # 224 px, or one of 1024 px, so large images cannot allocate gigabytes at once.
     max_batch_pixels: int = 32 * 224 * 224
@@ -86,6 +90,8 @@ class Settings:
             raise ValueError(f"PRECISION must be one of {PRECISIONS}, received: {self.precision!r}")
         if self.serve_precision not in SERVE_PRECISIONS:
             raise ValueError(f"SERVE_PRECISION must be one of {SERVE_PRECISIONS}, received: {self.serve_precision!r}")
+        if self.pad_batches not in PAD_BATCHES:
+            raise ValueError(f"PAD_BATCHES must be one of {PAD_BATCHES}, received: {self.pad_batches!r}")
         if not self.predict_timeout_s > 0:
             raise ValueError(f"PREDICT_TIMEOUT_S must be above 0, received: {self.predict_timeout_s}")
         for name in ("events_poll_s", "events_keepalive_s", "events_lifetime_s"):
@@ -155,6 +161,7 @@ class Settings:
             max_batch_size=number("MAX_BATCH_SIZE", defaults.max_batch_size),
             max_batch_wait_ms=number("MAX_BATCH_WAIT_MS", defaults.max_batch_wait_ms, float),
             max_queue_images=number("MAX_QUEUE_IMAGES", defaults.max_queue_images),
+            pad_batches=text("PAD_BATCHES", defaults.pad_batches),
             max_batch_pixels=number("MAX_BATCH_PIXELS", defaults.max_batch_pixels),
             predict_timeout_s=number("PREDICT_TIMEOUT_S", defaults.predict_timeout_s, float),
             max_model_memory_mb=number("MAX_MODEL_MEMORY_MB", defaults.max_model_memory_mb),

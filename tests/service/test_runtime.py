@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher, own_copy
+from service.batching import MicroBatcher, own_copy, padded, padded_sizes
 from service.errors import http_headers, http_status
 from service.runtime import ModelRuntime
 from tests.live import ROOT
@@ -206,6 +206,30 @@ def test_a_stopped_batching_thread_is_reported_and_refuses_work():
         batcher.submit(np.zeros((1, 1)))
 
 
+def test_padded_sizes_are_powers_of_two_up_to_the_batch_bound():
+    assert padded_sizes(32) == (1, 2, 4, 8, 16, 32)
+    assert padded_sizes(24) == (1, 2, 4, 8, 16, 24)
+    assert padded_sizes(2) == (1, 2) and padded_sizes(1) == (1,)
+
+
+def test_padded_batches_reach_the_model_in_few_sizes_and_answer_only_real_rows():
+    shapes = []
+
+    def forward(rows):
+        shapes.append(len(rows))
+        return rows.sum(axis=1, keepdims=True) * 2
+
+    batcher = MicroBatcher(padded(forward, padded_sizes(16)), max_batch_size=16, max_wait_ms=0)
+    try:
+        rng = np.random.default_rng(0)
+        requests = [rng.normal(size=(n, 3)).astype(np.float32) for n in (1, 3, 5, 7, 11, 16, 2)]
+        for rows in requests:
+            np.testing.assert_allclose(batcher.submit(rows), rows.sum(axis=1, keepdims=True) * 2, rtol=1e-6)
+    finally:
+        batcher.close()
+    assert shapes == [1, 4, 8, 8, 16, 16, 2]
+
+
 def test_own_copy_keeps_the_type_and_message_and_chains_the_original():
     original = ImageError("image 3: truncated")
     clone = own_copy(original)
@@ -320,6 +344,26 @@ def test_serve_precision_bfloat16_agrees_with_float32(served):
     agree = np.mean([a["label"] == b["label"] for a, b in zip(reference, reduced)])
     assert agree >= 0.9, agree
     assert [b.precision for b in backbones] == ["bfloat16" if bfloat16_supported() else "float32"]
+
+
+def test_padded_forward_passes_answer_what_unpadded_ones_do(served):
+    settings, runtime, images = served
+    import dataclasses
+
+    padding = ModelRuntime(dataclasses.replace(settings, pad_batches="on"))
+    try:
+        data = [p.read_bytes() for p in images[:5]]
+        _, expected = runtime.scores("digits", data)
+        model, answered = padding.scores("digits", data)
+        keras_model = next(s.backbone.model for s in padding._cache.values() if s.backbone is not None)
+        shapes = []
+        original = keras_model.predict_on_batch
+        keras_model.predict_on_batch = lambda rows: shapes.append(len(rows)) or original(rows)
+        padding.scores("digits", data[:3])
+    finally:
+        padding.close()
+    np.testing.assert_allclose(answered, expected, atol=1e-5)
+    assert shapes == [4]  # three images, padded to four
 
 
 def test_readiness_reports_each_component(served, tmp_path):

@@ -15,11 +15,11 @@ def test_values_are_read_and_converted():
     settings = Settings.from_env({
         "MODEL_DIR": "/srv/models", "DATA_DIR": "/srv/data", "MAX_UPLOAD_MB": "64", "PRECISION": "bfloat16",
         "MAX_BATCH_WAIT_MS": "2.5", "EVENT_STREAMS": "3", "PROMETHEUS_MULTIPROC_DIR": "/run/metrics",
-        "CELERY_BROKER_URL": "  redis://127.0.0.1:6379/0 ",
+        "CELERY_BROKER_URL": "  redis://127.0.0.1:6379/0 ", "PAD_BATCHES": "on",
     })
     assert settings.model_dir == Path("/srv/models") and settings.data_dir == Path("/srv/data")
     assert settings.max_upload_mb == 64 and settings.max_batch_wait_ms == 2.5 and settings.event_streams == 3
-    assert settings.precision == "bfloat16"
+    assert settings.precision == "bfloat16" and settings.pad_batches == "on"
     assert settings.metrics_dir == Path("/run/metrics")
     assert settings.celery_broker_url == "redis://127.0.0.1:6379/0"
     assert settings.feature_cache_dir == Path("/srv/data/features")
@@ -35,6 +35,7 @@ def test_blank_values_mean_unset():
     ({"MAX_BATCH_WAIT_MS": "soon"}, "MAX_BATCH_WAIT_MS must be a number, received: 'soon'"),
     ({"THREADS": "0"}, "THREADS must be at least 1, received: 0"),
     ({"PRECISION": "float16"}, "PRECISION must be one of"),
+    ({"PAD_BATCHES": "yes"}, "PAD_BATCHES must be one of .*received: 'yes'"),
     ({"JOB_HEARTBEAT_SECONDS": "100"}, "JOB_HEARTBEAT_SECONDS must be above 0 and below JOB_STALE_SECONDS"),
     ({"EVENT_STREAMS": "0"}, "EVENT_STREAMS must be at least 1, received: 0"),
 ])
