@@ -215,14 +215,15 @@ def effective_precision(requested: str) -> str:
     return "float32" if requested == "bfloat16" and not bfloat16_supported() else requested
 
 
-_POLICY_LOCK = threading.Lock()
+# Held while Keras layers are created: the dtype policy and the random-number state are process-wide.
+LAYER_BUILD_LOCK = threading.Lock()
 
 
 def _vgg19(spec: BackboneSpec, precision: str):
     """Construct VGG19 with random weights; bfloat16 computes in bfloat16 and keeps float32 weights."""
     import keras
 
-    with _POLICY_LOCK:  # the dtype policy is global while layers are created
+    with LAYER_BUILD_LOCK:  # the dtype policy is global while layers are created
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
         try:

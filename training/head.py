@@ -17,6 +17,7 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
+from training.backbone import LAYER_BUILD_LOCK
 from training.errors import Cancelled, InvalidInput
 from training.evaluate import summary_scores, top_k_for
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress
@@ -196,6 +197,11 @@ class HeadPool:
             self.reused += 1
             return model
 
+    def has(self, key: tuple) -> bool:
+        """Whether a model for `key` is waiting here."""
+        with self._lock:
+            return bool(self._idle.get(key))
+
     def give_back(self, model: keras.Model) -> None:
         """Make a model that a run has finished with available to the next run of its shape."""
         key = getattr(model, "_pool_key", None)
@@ -230,6 +236,7 @@ def _new_head(x_train: np.ndarray, n_classes: int, params: HeadParams) -> keras.
     model.compile(optimizer=make_optimizer(params.optimizer, params.effective_learning_rate, params.momentum),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.optimizer.build(model.trainable_variables)
+    _standardize_from_variables(model)
     model._pool_key = _pool_key(x_train.shape[1], n_classes, params)
     model._initial_state = [keras.ops.convert_to_numpy(v) for v in _state_variables(model)]
     return model
@@ -246,6 +253,52 @@ def _reset(model: keras.Model, x_train: np.ndarray) -> None:
     for variable, value in zip(_state_variables(model), model._initial_state):
         variable.assign(value)
     model.get_layer("standardize").adapt(x_train)
+    _standardize_from_variables(model)
+
+
+def _standardize_from_variables(model: keras.Model) -> None:
+    """Let the standardization read its statistics from its variables while the head trains.
+
+    Keras' Normalization keeps what `adapt` computed as constant tensors, which a traced train
+    step would capture: a reused head would train on the first run's statistics. Read from the
+    variables, the traced step sees each run's own. (Set past Keras' attribute tracking: the
+    variables are the layer's weights already.)
+    """
+    layer = model.get_layer("standardize")
+    object.__setattr__(layer, "mean", layer.adapt_mean)
+    object.__setattr__(layer, "variance", layer.adapt_variance)
+
+
+def _standardize_from_constants(model: keras.Model) -> None:
+    """Back to Keras' own constants, as a loaded version has them, and a predict function traced anew.
+
+    So the validation probabilities training records come from the same graph the service runs.
+    """
+    model.get_layer("standardize").finalize_state()
+    model.predict_function = None
+
+
+def prepare_head(feature_dim: int, n_classes: int, params: HeadParams, train_rows: int,
+                 pool: HeadPool | None = HEADS) -> None:
+    """Build a head and trace its train step on stand-in features, and leave it in `pool` for `train_head`.
+
+    Meant to run in a thread beside feature extraction: a fresh worker's first trace (about 0.9 s)
+    then costs the run only the share of the cores it takes from the backbone. What `train_head` gets
+    is reset to a fresh build's state, so the result is the same to the bit.
+    """
+    if pool is None or keras.backend.backend() != "tensorflow" or pool.has(_pool_key(feature_dim, n_classes, params)):
+        return
+    rows = min(train_rows, 2 * params.batch_size + 1)  # a partial batch, as the real data has, so no retrace
+    x, y = np.zeros((rows, feature_dim), np.float32), np.arange(rows) % n_classes
+    with LAYER_BUILD_LOCK:  # not while another thread creates layers: the seed would not give these weights
+        keras.utils.set_random_seed(params.seed)
+        model = _new_head(x, n_classes, params)
+    data, labels, batch_size, _ = epoch_batches(x, y, params.batch_size, params.seed,
+                                                repeated=uses_repeated_dataset(train_rows * feature_dim * 4))
+    weights = balanced_class_weights(y, n_classes) if params.class_weights else None
+    fit_with_hooks(model, data, labels, (x, y), 1, batch_size, weights, 1, "prepare", no_progress, never_cancel,
+                   validation_in_hooks=True, steps_per_epoch=1)
+    pool.give_back(model)
 
 
 def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -258,21 +311,25 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     reused (hand the model back with `pool.give_back` once it is saved); the result is the same as a
     fresh build's, to the bit.
     """
-    keras.utils.set_random_seed(params.seed)
     # Only TensorFlow traces the train step (the other backends run it eagerly on the CPU), and only
     # there does a reused head draw the same random numbers as a fresh one (the tests check that).
     if keras.backend.backend() != "tensorflow":
         pool = None
     model = pool.take(_pool_key(x_train.shape[1], n_classes, params)) if pool is not None else None
-    if model is None:
-        model = _new_head(x_train, n_classes, params)
-    else:
-        _reset(model, x_train)
+    with LAYER_BUILD_LOCK:  # no other thread creates layers between the seed and these weights
+        keras.utils.set_random_seed(params.seed)
+        if model is None:
+            model = _new_head(x_train, n_classes, params)
+        else:
+            _reset(model, x_train)
     weights = balanced_class_weights(y_train, n_classes) if params.class_weights else None
     data, labels, batch_size, steps = epoch_batches(x_train, y_train, params.batch_size, params.seed)
-    history = fit_with_hooks(model, data, labels, (x_val, y_val), params.epochs, batch_size, weights,
-                             params.patience, "head", progress, cancel, validation_in_hooks=True,
-                             steps_per_epoch=steps)
+    try:
+        history = fit_with_hooks(model, data, labels, (x_val, y_val), params.epochs, batch_size, weights,
+                                 params.patience, "head", progress, cancel, validation_in_hooks=True,
+                                 steps_per_epoch=steps)
+    finally:
+        _standardize_from_constants(model)
     return model, history
 
 
@@ -280,15 +337,21 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
 REPEATED_DATASET_BYTES = 256 * 2**20
 
 
-def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tuple:
+def uses_repeated_dataset(feature_bytes: int) -> bool:
+    """Whether `fit` takes features of this size through one repeated tf.data pipeline (see `epoch_batches`)."""
+    return keras.backend.backend() == "tensorflow" and feature_bytes <= REPEATED_DATASET_BYTES
+
+
+def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, repeated: bool | None = None) -> tuple:
     """What `fit` trains on: `(x, y, batch_size, steps_per_epoch)` for `model.fit`'s arguments.
 
     Under TensorFlow, Keras builds a new tf.data iterator for arrays every epoch (about 25 ms
     each, more than an epoch of a small head): features that fit comfortably in memory go
     through one reshuffled, repeated dataset instead, one iterator for the whole fit, each
     epoch still every image once. Other backends, and larger feature sets, take the arrays.
+    `repeated` decides instead of the size of `x` (stand-in features that must trace what real ones will).
     """
-    if keras.backend.backend() != "tensorflow" or x.nbytes > REPEATED_DATASET_BYTES:
+    if not (uses_repeated_dataset(x.nbytes) if repeated is None else repeated):
         return x, y, batch_size, None
     import tensorflow as tf
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +28,14 @@ from training.errors import InvalidInput
 from training.evaluate import evaluate, summary_scores
 from training.features import FeatureCache, extract_features
 from training.finetune import FineTuneParams, fine_tune
-from training.head import HEADS, HeadParams, train_head
+from training.head import HEADS, HeadParams, prepare_head, train_head
 from training.images import PREPROCESSING
 from training.predict import LoadedModel, file_probabilities
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress, raise_if_cancelled
 from training.settings import Settings
 from training.store import PUBLISH_POLICIES, ModelStore, validate_name
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +164,13 @@ def train(source: str | Path | Dataset, name: str, settings: Settings, params: T
         # Fine-tuning reads the images every epoch and validates on them after: decode each once for the run.
         load = DecodedImages(paths, spec.image_size, workdir, settings.max_image_pixels).batch \
             if params.fine_tune else None
-        features, computed = extract_features(dataset.items, cache, get_backbone, spec.image_size,
-                                              params.feature_batch_size, progress, cancel, load)
+        # The head's train step is traced beside the backbone (off the critical path of a first run).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-head") as side:
+            prepared = side.submit(prepare_head, spec.feature_dim, len(classes), params.head, len(train_idx))
+            features, computed = extract_features(dataset.items, cache, get_backbone, spec.image_size,
+                                                  params.feature_batch_size, progress, cancel, load)
+            if prepared.exception() is not None:  # only time is lost: train_head builds its own
+                log.warning("could not prepare the head beside the features: %s", prepared.exception())
         lap("features")
 
         head, history = train_head(features[train_idx], labels[train_idx], features[val_idx], labels[val_idx],

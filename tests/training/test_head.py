@@ -157,8 +157,12 @@ def test_a_reused_head_trains_exactly_as_a_fresh_one(repeated_dataset, monkeypat
     fresh, fresh_history = train_head(x[:90], y[:90], x[90:], y[90:], 3, params, pool=pool)
     pool.give_back(fresh)
     shifted = x * 1.5 + 7  # other features: the reused head must standardize for them, not the first run's
-    other, _ = train_head(shifted[:90], y[:90], shifted[90:], y[90:], 3, params, pool=pool)
+    other, other_history = train_head(shifted[:90], y[:90], shifted[90:], y[90:], 3, params, pool=pool)
     assert other is fresh and pool.reused == 1
+    other_probabilities = head_probabilities(other, shifted[90:])
+    built, built_history = train_head(shifted[:90], y[:90], shifted[90:], y[90:], 3, params, pool=None)
+    assert other_history == built_history
+    np.testing.assert_array_equal(other_probabilities, head_probabilities(built, shifted[90:]))
     pool.give_back(other)
     again, again_history = train_head(x[:90], y[:90], x[90:], y[90:], 3, params, pool=pool)
     assert again is fresh and pool.reused == 2

@@ -87,6 +87,21 @@ def test_retraining_computes_only_new_images(small_digits_dir, settings, tmp_pat
     assert ModelStore(settings.model_dir).versions("cache") == [1, 2, 3]
 
 
+def test_a_head_prepared_beside_the_features_trains_as_one_built_after_them(small_digits_dir, settings, tmp_path,
+                                                                          monkeypatch):
+    params = parse_options(FAST)
+    HEADS.clear()
+    reused = HEADS.reused
+    prepared = train(small_digits_dir, "prepared", settings, params)
+    pooled = keras.backend.backend() == "tensorflow"
+    assert HEADS.reused == reused + pooled  # train_head took the head traced beside the backbone
+    HEADS.clear()
+    monkeypatch.setattr("training.pipeline.prepare_head", lambda *args: None)
+    built = train(small_digits_dir, "built", dataclasses.replace(settings, data_dir=tmp_path / "other"), params)
+    assert prepared.features_computed == built.features_computed == 36
+    assert prepared.metrics == built.metrics and prepared.history == built.history
+
+
 def test_cached_features_equal_fresh_ones(small_digits_dir, settings, tmp_path):
     params = parse_options(FAST)
     train(small_digits_dir, "a", settings, params)
