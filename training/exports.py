@@ -74,7 +74,7 @@ class ExportStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> ExportStore:
         """The export store under DATA_DIR/exports, for MODEL_DIR's versions."""
-        return cls(settings.data_dir / "exports", ModelStore(settings.model_dir))
+        return cls(settings.data_dir / "exports", ModelStore.from_settings(settings))
 
     def _file(self, name: str, version: int, fmt: str, suffix: str) -> Path:
         return self.root / validate_name(name) / str(int(version)) / f"{check_format(fmt)}.{suffix}"

@@ -64,7 +64,7 @@ def _sweep(settings: Settings) -> int:
     from training.data.store import DatasetStore
     from training.store import ModelStore, sweep_leftovers
 
-    swept = ModelStore(settings.model_dir).sweep(LEFTOVER_SECONDS)
+    swept = ModelStore.from_settings(settings).sweep(LEFTOVER_SECONDS)
     swept += sweep_leftovers(DatasetStore.from_settings(settings).root, LEFTOVER_SECONDS)
     for path in swept:
         log.warning("removed %s, left by a crashed save or upload", path)
