@@ -239,7 +239,23 @@ class S3Objects:
         return len(keys)
 
 
-def open_objects(settings: Settings) -> Objects:
+def create_bucket(settings: Settings) -> bool:
+    """Create STORE_URL's bucket if it is missing (MinIO in compose; on AWS or GCS, make it yourself); True if made."""
+    from botocore.exceptions import ClientError
+
+    objects = open_objects(settings)
+    with objects._errors("create its bucket"):
+        try:
+            objects._s3().head_bucket(Bucket=objects.bucket)
+            return False
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in MISSING_CODES | {"NoSuchBucket"}:
+                raise
+        objects._s3().create_bucket(Bucket=objects.bucket)
+    return True
+
+
+def open_objects(settings: Settings) -> S3Objects:
     """The shared object store STORE_URL names."""
     if settings.store_url is None:
         raise ValueError("STORE_URL must be set to open the shared object store, received: None")
