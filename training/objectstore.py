@@ -124,7 +124,8 @@ def _atomic_target(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
-        os.replace(tmp, path)
+        if tmp.exists():  # a block that wrote nothing (no such object) leaves `path` as it was
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

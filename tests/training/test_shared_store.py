@@ -124,6 +124,36 @@ def test_s3_unreachable_is_store_unavailable(monkeypatch):
         objects.get_bytes("a/b")
 
 
+def test_s3_objects_against_an_s3_server(monkeypatch, tmp_path):
+    from moto.server import ThreadedMotoServer
+
+    from tests.live import free_port
+    from training.objectstore import create_bucket
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        settings = Settings(store_url="s3://made-here/run", store_timeout_s=2)
+        assert create_bucket(settings) is True and create_bucket(settings) is False
+        objects = S3Objects.from_url("s3://made-here/run", timeout_s=2)
+        objects.put_bytes("a/one", b"1")
+        (tmp_path / "two").write_bytes(b"2" * 100)
+        objects.put_file("a/b/two", tmp_path / "two")
+        assert objects.list("a/") == ["a/b/two", "a/one"] and objects.list("b/") == []
+        assert objects.get_bytes("a/one") == b"1" and objects.get_bytes("a/missing") is None
+        assert objects.get_file("a/b/two", tmp_path / "copy") and (tmp_path / "copy").read_bytes() == b"2" * 100
+        assert not objects.get_file("a/missing", tmp_path / "none") and not (tmp_path / "none").exists()
+        with pytest.raises(StoreUnavailable, match="refused to read x: NoSuchBucket"):
+            S3Objects("no-such-bucket", timeout_s=2).get_bytes("x")
+        assert objects.delete_prefix("a/") == 2 and objects.list("") == []
+    finally:
+        server.stop()
+
+
 def test_store_url_is_checked():
     assert Settings(store_url="s3://bucket/some/prefix").shared
     with pytest.raises(ValueError, match=r"STORE_URL must be unset or s3://bucket\[/prefix\], received: 'bucket'"):
