@@ -189,3 +189,35 @@ def test_features_computed_on_one_host_are_read_on_another(tmp_path):
     assert list(found) == ["a"] and found["a"].tolist() == [1, 1, 1, 1]
     assert len(list(other.root.glob("*.npy"))) == 1  # the shard of "c" was not downloaded
     assert other.lookup(["c"])["c"].tolist() == [0, 0, 0, 0]
+
+
+def test_an_export_built_on_a_worker_host_is_streamed_by_an_api_host(shared, tmp_path, monkeypatch):
+    import training.export
+    from training.errors import WeightsError
+    from training.shared_exports import SharedExportStore
+
+    worker_models, api_models = shared("worker"), shared("api")
+    save(worker_models)
+    worker = SharedExportStore(tmp_path / "worker" / "exports", worker_models, worker_models.objects)
+    api = SharedExportStore(tmp_path / "api" / "exports", api_models, api_models.objects)
+
+    def fake_export(settings, name, version, fmt, out):
+        if fmt == "tflite":
+            raise WeightsError("the backbone weights are missing")
+        out.mkdir()
+        (out / "model.onnx").write_bytes(b"onnx" * 100)
+
+    monkeypatch.setattr(training.export, "export_version", fake_export)
+    assert api.state("cats", 1, "onnx")["status"] == "missing"
+    api.request("cats", 1, "onnx")
+    built = worker.build(Settings(), "cats", 1, "onnx")
+    assert api.state("cats", 1, "onnx") == {"status": "ready", "error": None}
+    copy = api.archive("cats", 1, "onnx")
+    assert copy.read_bytes() == built.read_bytes() and tmp_path / "api" in copy.parents
+    with pytest.raises(WeightsError):
+        worker.build(Settings(), "cats", 1, "tflite")
+    assert api.state("cats", 1, "tflite") == {"status": "failed", "error": "the backbone weights are missing"}
+    api.request("cats", 1, "tflite")  # asked again: the failure is cleared everywhere
+    assert api.state("cats", 1, "tflite")["status"] == "queued"
+    api.discard("cats", 1)
+    assert api.objects.list("exports/") == []
