@@ -118,6 +118,10 @@ def test_upload_on_one_api_train_on_the_workers_serve_on_the_other(stack, digits
         for version in model["versions"]:
             served = served_confusion(api, digits[0], version["classes"], version["version"])
             assert served == version["metrics"]["confusion_matrix"], (api.base, version["version"])
+    # The features the workers computed are in the store, shard by shard (rows, then the keys that show them).
+    shards = stack.objects("features/")
+    assert shards and {key[:-5] for key in shards if key.endswith(".keys")} == \
+        {key[:-4] for key in shards if key.endswith(".npy")}
     # Each host downloaded each version once, into its content-addressed cache (a folder per digest).
     for host in ("api1", "api2"):
         assert len(list((stack.folder / host / "models" / ".cache").glob("[0-9a-f]*"))) == 2
