@@ -78,8 +78,11 @@ class VersionRegistry:
                 with database_errors(self.url):
                     try:
                         metadata.create_all(engine)
-                    except sa.exc.ProgrammingError:
-                        metadata.create_all(engine)  # another process created them at the same moment
+                    except sa.exc.DBAPIError:
+                        # Two processes starting at once can both see no table and both create it; the
+                        # loser fails (PostgreSQL: a unique violation in its catalog), a second checked
+                        # create finds the winner's tables (and a database that is down fails again).
+                        metadata.create_all(engine)
                 self._engine = (engine, os.getpid())
             return self._engine[0]
 
@@ -89,8 +92,14 @@ class VersionRegistry:
             yield conn
 
     def _lock_name(self, conn: Connection, name: str) -> sa.Row | None:
-        """The model's row, locked until the transaction ends (PostgreSQL; SQLite locks the whole database)."""
-        return conn.execute(sa.select(model_names).where(model_names.c.name == name).with_for_update()).first()
+        """The model's row, locked until the transaction ends; None when the model has none yet.
+
+        Locked by writing it first (not SELECT ... FOR UPDATE): on PostgreSQL that locks the row, on
+        SQLite it takes the database's write lock before anything is read, so two writers queue behind
+        the busy timeout instead of one failing on a stale read snapshot.
+        """
+        conn.execute(model_names.update().where(model_names.c.name == name).values(updated_at=utcnow()))
+        return conn.execute(sa.select(model_names).where(model_names.c.name == name)).first()
 
     # --- writing ------------------------------------------------------------------------------------------------
 

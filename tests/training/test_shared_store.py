@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -221,3 +222,29 @@ def test_an_export_built_on_a_worker_host_is_streamed_by_an_api_host(shared, tmp
     assert api.state("cats", 1, "tflite")["status"] == "queued"
     api.discard("cats", 1)
     assert api.objects.list("exports/") == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_concurrent_saves_get_distinct_numbers_and_one_published(backend, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.live import postgres_schema
+
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_schema("registry")) if backend == "postgresql" else \
+            f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+        objects = FolderObjects(tmp_path / "objects")
+        registries = [VersionRegistry(url) for _ in range(4)]  # four processes' worth of engines
+        for registry in registries:
+            stack.callback(registry.close)
+
+        def save_on(index: int) -> tuple[int, bool]:
+            store = SharedModelStore(tmp_path / f"host{index % 4}", objects, registries[index % 4])
+            return store.save_version("race", lambda folder, i=index: (folder / "head.keras").write_bytes(bytes([i])),
+                                      {"metrics": {"accuracy": 0.5}}, ["a"], "auto")
+
+        with ThreadPoolExecutor(8) as pool:
+            saved = list(pool.map(save_on, range(8)))
+        assert sorted(version for version, _ in saved) == list(range(1, 9))
+        store = SharedModelStore(tmp_path / "reader", objects, registries[0])
+        assert store.versions("race") == list(range(1, 9)) and store.published_version("race") is not None
