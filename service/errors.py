@@ -22,6 +22,7 @@ from training.errors import (
     Overloaded,
     PredictTimeout,
     StoreFullError,
+    StoreUnavailable,
     TrainingError,
     Unavailable,
     UnsupportedImageError,
@@ -48,6 +49,7 @@ STATUSES: dict[type[TrainingError], tuple[int, str]] = {
     WeightsError: (503, "unavailable"),
     Overloaded: (503, "overloaded"),
     PredictTimeout: (503, "timeout"),
+    StoreUnavailable: (503, "store_unavailable"),
     Unavailable: (503, "unavailable"),
     # Any other message meant for the user (e.g. job params that are not JSON-able) is about its input.
     TrainingError: (400, "bad_request"),

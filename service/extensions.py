@@ -95,7 +95,7 @@ PER_PROCESS: dict[str, Callable[[Settings], Any]] = {
 def init_app(app: Flask) -> None:
     """Open the model, dataset and export stores; prepare the per-process resources, built on first use."""
     settings = app.config["SETTINGS"]
-    app.extensions["store"] = ModelStore(settings.model_dir)
+    app.extensions["store"] = ModelStore.from_settings(settings)
     app.extensions["datasets"] = DatasetStore.from_settings(settings)
     app.extensions["exports"] = ExportStore.from_settings(settings)
     for name, build in PER_PROCESS.items():

@@ -78,16 +78,15 @@ class ModelRuntime:
 
     def __init__(self, settings: Settings, hooks: RuntimeHooks = RuntimeHooks()) -> None:
         self.settings, self.hooks = settings, hooks
-        self.store = ModelStore(settings.model_dir)
+        self.store = ModelStore.from_settings(settings)
         self._cache = ModelCache(settings.max_model_memory_mb * MIB, on_change=hooks.on_memory)
         self._decoders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
 
     # --- models -------------------------------------------------------------------------------------------------
 
     def _identity(self, name: str, version: int) -> tuple:
-        """What the version's files are now (inode and mtime of its metadata): a replaced version is another."""
-        stat = (self.store.version_dir(name, version) / "metadata.json").stat()
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+        """What the version's files are now (the store says: local files' inode and mtime, shared ones' digest)."""
+        return self.store.identity(name, version)
 
     def _served_model(self, name: str, version: int | None = None) -> Served:
         version = self.store.resolve_version(name, version)

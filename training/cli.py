@@ -308,7 +308,7 @@ def command_models(args: argparse.Namespace, settings: Settings) -> int:
     """List stored models."""
     from training.store import ModelStore
 
-    store = ModelStore(settings.model_dir)
+    store = ModelStore.from_settings(settings)
     models = [store.describe(name) for name in store.names()]
     if args.json:
         out.print_json(json.dumps(models))

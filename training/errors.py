@@ -107,5 +107,11 @@ class ModelUnavailable(Unavailable):
     """A model that cannot run now: its batching thread stopped, its forward pass hangs, or it keeps being unloaded."""
 
 
+class StoreUnavailable(Unavailable):
+    """The shared object store (STORE_URL) or its job database cannot be reached or answers with an error."""
+
+    retry_after = 10
+
+
 class Cancelled(Exception):
     """Training was cancelled by its cancel check; nothing was written."""

@@ -62,7 +62,7 @@ def export_version(settings: Settings, name: str, version: int | None, fmt: str,
     out = Path(out)
     check_out(out)
     check_backend(fmt)
-    loaded = load_version(ModelStore(settings.model_dir), name, version)
+    loaded = load_version(ModelStore.from_settings(settings), name, version)
     started = time.perf_counter()
     log.info("exporting %s v%d (%s) as %s to %s", loaded.name, loaded.version, loaded.kind, fmt, out)
     model = exportable_model(loaded, settings)

@@ -73,8 +73,12 @@ class ExportStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ExportStore:
-        """The export store under DATA_DIR/exports, for MODEL_DIR's versions."""
-        return cls(settings.data_dir / "exports", ModelStore(settings.model_dir))
+        """The export store under DATA_DIR/exports, for MODEL_DIR's versions (shared through STORE_URL when set)."""
+        if settings.shared:
+            from training.shared_exports import SharedExportStore  # boto3 only when shared
+
+            return SharedExportStore.open(settings)
+        return cls(settings.data_dir / "exports", ModelStore.from_settings(settings))
 
     def _file(self, name: str, version: int, fmt: str, suffix: str) -> Path:
         return self.root / validate_name(name) / str(int(version)) / f"{check_format(fmt)}.{suffix}"

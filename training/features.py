@@ -15,12 +15,16 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.images import DEFAULT_MAX_PIXELS, preprocess_image
 from training.progress import CancelFn, Progress, ProgressFn, never_cancel, no_progress, raise_if_cancelled
 from training.store import fsync_dir, write_file_atomic
+
+if TYPE_CHECKING:
+    from training.settings import Settings
 
 # Paths in, the backbone's float32 input out.
 Loader = Callable[[Sequence[Path]], np.ndarray]
@@ -42,6 +46,15 @@ class FeatureCache:
     def __init__(self, root: str | Path, backbone_id: str, feature_dim: int) -> None:
         self.root = Path(root) / backbone_id
         self.feature_dim = feature_dim
+
+    @classmethod
+    def from_settings(cls, settings: Settings, backbone_id: str, feature_dim: int) -> FeatureCache:
+        """The cache under the settings' feature folder (shared through the object store when STORE_URL is set)."""
+        if settings.shared:
+            from training.shared_features import SharedFeatureCache  # boto3 only when shared
+
+            return SharedFeatureCache.open(settings, backbone_id, feature_dim)
+        return cls(settings.feature_cache_dir, backbone_id, feature_dim)
 
     def lookup(self, hashes: Iterable[str]) -> dict[str, np.ndarray]:
         """The cached features of those images that have them, by content hash."""
@@ -79,19 +92,22 @@ class FeatureCache:
             return None
         return vector if vector.shape == (self.feature_dim,) and vector.dtype == np.float32 else None
 
-    def add(self, hashes: Sequence[str], vectors: np.ndarray) -> None:
-        """Store the features of images as one new shard: rows first, then the keys that make it visible."""
+    def add(self, hashes: Sequence[str], vectors: np.ndarray) -> str | None:
+        """Store the features of images as one new shard: rows first, then the keys that make it visible.
+
+        Returns the shard's name (None when there was nothing to store)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if len(hashes) != len(vectors) or vectors.shape[1:] != (self.feature_dim,):
             raise ValueError(f"vectors must be [{len(hashes)}, {self.feature_dim}], received: {list(vectors.shape)}")
         if not hashes:
-            return
+            return None
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         write_file_atomic(self.root / f"{name}.npy", lambda handle: np.save(handle, vectors, allow_pickle=False))
         keys = "".join(f"{sha256}\n" for sha256 in hashes).encode("ascii")
         write_file_atomic(self.root / f"{name}.keys", lambda handle: handle.write(keys))
         fsync_dir(self.root)
+        return name
 
 
 def load_batch(paths: Sequence[Path], image_size: int, pool: ThreadPoolExecutor,

@@ -155,7 +155,7 @@ def train(source: str | Path | Dataset, name: str, settings: Settings, params: T
         # Features for training and validation, and so the recorded metrics, come from this precision;
         # the service serves the version in it (see `training.predict.serving_precision`).
         precision = effective_precision(settings.precision)
-        cache = FeatureCache(settings.feature_cache_dir, backbone_id(spec, weights, precision), spec.feature_dim)
+        cache = FeatureCache.from_settings(settings, backbone_id(spec, weights, precision), spec.feature_dim)
 
         def get_backbone():
             return shared_backbone(spec, settings.keras_home, precision)
@@ -232,7 +232,7 @@ def train(source: str | Path | Dataset, name: str, settings: Settings, params: T
         "timings": timings,
     }
     try:
-        version, published = ModelStore(settings.model_dir).save_version(
+        version, published = ModelStore.from_settings(settings).save_version(
             name, lambda folder: _write_model_files(folder, model, kind, history, fine_tune_history, metrics, classes),
             metadata, classes, params.publish)
     finally:

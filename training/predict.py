@@ -144,7 +144,7 @@ def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> l
 
 def load_with_forward(settings: Settings, name: str, version: int | None = None) -> tuple[LoadedModel, Forward | None]:
     """Load a stored version and the forward pass its pixels need (the shared backbone for a head-only one)."""
-    model = load_version(ModelStore(settings.model_dir), name, version)
+    model = load_version(ModelStore.from_settings(settings), name, version)
     return model, (backbone_for(model, settings).features if model.kind == "head" else None)
 
 
@@ -158,7 +158,7 @@ def predict_files(settings: Settings, name: str, paths: Sequence[str | Path], ve
 
 def evaluate_dataset(settings: Settings, name: str, source: str | Path, version: int | None = None) -> dict:
     """Score a stored model on a labeled dataset (folder or archive); return the metrics."""
-    model = load_version(ModelStore(settings.model_dir), name, version)
+    model = load_version(ModelStore.from_settings(settings), name, version)
     limits = dataclasses.replace(IngestLimits.from_settings(settings), min_images_per_class=1)
     with work_folder(settings.data_dir, "evaluate-") as workdir:
         dataset = ingest(source, workdir, limits)
@@ -169,7 +169,7 @@ def evaluate_dataset(settings: Settings, name: str, source: str | Path, version:
         if model.kind == "head":
             # Through the feature cache: the features training computed for these images, if it did.
             backbone = backbone_for(model, settings)
-            cache = FeatureCache(settings.feature_cache_dir, backbone.id, backbone.spec.feature_dim)
+            cache = FeatureCache.from_settings(settings, backbone.id, backbone.spec.feature_dim)
             features, _ = extract_features(dataset.items, cache, lambda: backbone, model.image_size)
             probabilities = model.probabilities(features=features)
         else:

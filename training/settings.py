@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +18,18 @@ PRECISIONS = ("float32", "bfloat16")
 # SERVE_PRECISION: `trained` serves each version in the precision its metrics were computed in.
 SERVE_PRECISIONS = ("trained", *PRECISIONS)
 PAD_BATCHES = ("auto", "on", "off")
+
+
+# STORE_URL: s3://bucket or s3://bucket/prefix (bucket names as S3 allows them: 3-63 characters).
+STORE_URL_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[A-Za-z0-9!_.*'()/-]*)?$")
+
+
+def parse_store_url(url: str) -> tuple[str, str]:
+    """Split STORE_URL `s3://bucket[/prefix]` into (bucket, prefix without slashes at either end)."""
+    match = STORE_URL_PATTERN.match(url) if isinstance(url, str) else None
+    if match is None:
+        raise ValueError(f"STORE_URL must be unset or s3://bucket[/prefix], received: {url!r}")
+    return match.group(1), (match.group(2) or "").strip("/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +92,18 @@ class Settings:
     # prometheus-client's multiprocess folder (its own variable, PROMETHEUS_MULTIPROC_DIR); None: gunicorn's
     # config makes a temporary one and sets the variable for its workers.
     metrics_dir: Path | None = None
+    # Storage every host shares (training/objectstore.py): None keeps everything in the local folders;
+    # `s3://bucket[/prefix]` puts datasets, model versions and features in S3-compatible object storage
+    # (endpoint, region and credentials: boto3's own AWS_* settings). Then MODEL_DIR and DATA_DIR hold
+    # this host's copies, each bounded: MODEL_CACHE_MB of downloaded versions, FEATURE_CACHE_MB of
+    # downloaded feature shards.
+    store_url: str | None = None
+    store_timeout_s: float = 10.0
+    model_cache_mb: int = 10240
+    feature_cache_mb: int = 20480
+    # How long an API process trusts what it last read of a model's versions and published version (the
+    # job database): a publish on one replica is seen by the others within this many seconds.
+    published_ttl_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.job_heartbeat_seconds < self.job_stale_seconds:
@@ -97,12 +122,18 @@ class Settings:
         for name in ("events_poll_s", "events_keepalive_s", "events_lifetime_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.upper()} must be above 0, received: {getattr(self, name)}")
+        if self.store_url is not None:
+            parse_store_url(self.store_url)
+        for name in ("store_timeout_s", "published_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.upper()} must be above 0, received: {getattr(self, name)}")
         if self.event_streams is not None and self.event_streams < 1:
             raise ValueError(f"EVENT_STREAMS must be at least 1, received: {self.event_streams}")
         for name in ("max_upload_mb", "max_predict_mb", "max_batch_pixels", "max_model_memory_mb",
                      "max_archive_entries", "max_archive_mb",
                      "max_compression_ratio", "max_image_pixels", "min_images_per_class", "port",
-                     "web_concurrency", "threads", "max_batch_size", "max_queue_images"):
+                     "web_concurrency", "threads", "max_batch_size", "max_queue_images",
+                     "model_cache_mb", "feature_cache_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1, received: {getattr(self, name)}")
 
@@ -110,6 +141,16 @@ class Settings:
     def feature_cache_dir(self) -> Path:
         """Folder of cached backbone features."""
         return self.data_dir / "features"
+
+    @property
+    def shared(self) -> bool:
+        """Whether datasets, model versions and features live in storage several hosts share (STORE_URL)."""
+        return self.store_url is not None
+
+    @property
+    def database(self) -> str:
+        """The job database's URL: DATABASE_URL, or SQLite under DATA_DIR."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'jobs.sqlite3'}"
 
     @property
     def datasets_dir(self) -> Path:
@@ -173,6 +214,11 @@ class Settings:
             events_keepalive_s=number("EVENTS_KEEPALIVE_S", defaults.events_keepalive_s, float),
             events_lifetime_s=number("EVENTS_LIFETIME_S", defaults.events_lifetime_s, float),
             metrics_dir=Path(folder) if (folder := text("PROMETHEUS_MULTIPROC_DIR", None)) else None,
+            store_url=text("STORE_URL", None),
+            store_timeout_s=number("STORE_TIMEOUT_S", defaults.store_timeout_s, float),
+            model_cache_mb=number("MODEL_CACHE_MB", defaults.model_cache_mb),
+            feature_cache_mb=number("FEATURE_CACHE_MB", defaults.feature_cache_mb),
+            published_ttl_s=number("PUBLISHED_TTL_S", defaults.published_ttl_s, float),
         )
 
 

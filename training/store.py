@@ -29,9 +29,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from training.errors import InvalidInput, ModelNotFoundError, StoreConflictError, StoreFullError
+
+if TYPE_CHECKING:
+    from training.settings import Settings
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODEL_FILES = {"head": "head.keras", "full": "model.keras"}
@@ -109,6 +112,19 @@ def disk_full_as_error(what: str) -> Iterator[None]:
                              "nothing was saved, free space and try again", exc.errno) from exc
 
 
+def publish_decision(policy: str, new: dict, current: dict | None) -> bool:
+    """Whether a version with metadata `new` is published over `current` (None: nothing published) by `policy`.
+
+    `auto` publishes the first version, and a later one whose validation accuracy is at least the
+    published version's; `always`; `never`.
+    """
+    if policy == "always" or current is None and policy == "auto":
+        return True
+    if policy == "never":
+        return False
+    return new.get("metrics", {}).get("accuracy", 0.0) >= current.get("metrics", {}).get("accuracy", 0.0)
+
+
 # Hidden work folders: a save or upload in progress, or a removal; never a version or a dataset.
 LEFTOVER_PREFIXES = (".staging-", ".deleting-")
 
@@ -140,6 +156,24 @@ class ModelStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelStore:
+        """The store the settings name: this folder (`MODEL_DIR`), or the shared one when STORE_URL is set."""
+        if settings.shared:
+            from training.shared_store import SharedModelStore  # boto3 and the registry only when shared
+
+            return SharedModelStore.open(settings)
+        return cls(settings.model_dir)
+
+    def identity(self, name: str, version: int) -> tuple:
+        """What a version's files are now (inode and mtime of its metadata): a replaced version is another."""
+        stat = (self.version_dir(name, version) / "metadata.json").stat()
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def readiness(self) -> str:
+        """`ok`: a local store's readiness is its folder's, which the service checks itself."""
+        return "ok"
 
     def model_dir(self, name: str) -> Path:
         """The folder of one model's versions."""
@@ -301,13 +335,7 @@ class ModelStore:
 
     def _should_publish(self, name: str, metadata: dict, policy: str) -> bool:
         current = self.published_version(name)
-        if policy == "always" or current is None and policy == "auto":
-            return True
-        if policy == "never":
-            return False
-        new_accuracy = metadata.get("metrics", {}).get("accuracy", 0.0)
-        old_accuracy = self.metadata(name, current).get("metrics", {}).get("accuracy", 0.0)
-        return new_accuracy >= old_accuracy
+        return publish_decision(policy, metadata, None if current is None else self.metadata(name, current))
 
     def apply_publish_policy(self, name: str, version: int, policy: str) -> bool:
         """Publish an existing version if `policy` says so (as `save_version` would); return whether it is published.

@@ -11,7 +11,7 @@ from flask import current_app
 from service.api import Blueprint
 from service.api.schemas import HealthSchema, ReadinessSchema
 from service.auth import PUBLIC, role
-from service.extensions import get_runtime
+from service.extensions import get_runtime, get_store
 
 bp = Blueprint("health", __name__, description="Liveness and readiness")
 logger = logging.getLogger(__name__)
@@ -40,7 +40,11 @@ def runtime_checks() -> dict[str, str]:
 
 def readiness() -> tuple[dict[str, str], str]:
     """Each component's state (`ok` or why not), and one line naming those that are not ready ("" if none)."""
-    checks = {"model_store": store_check(Path(current_app.config["SETTINGS"].model_dir))} | runtime_checks()
+    settings = current_app.config["SETTINGS"]
+    checks = {"model_store": store_check(Path(settings.model_dir))}
+    if settings.shared:  # the object store and the job database every host shares (STORE_URL)
+        checks["shared_store"] = get_store().readiness()
+    checks |= runtime_checks()
     return checks, "; ".join(f"{name}: {reason}" for name, reason in checks.items() if reason != "ok")
 
 

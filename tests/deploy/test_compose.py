@@ -217,3 +217,97 @@ def test_env_example_documents_every_setting_the_compose_files_read():
         used |= set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", (ROOT / name).read_text()))
     documented = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), re.M))
     assert used - documented == set(), "add these to .env.example"
+
+
+# --- issue 15: hosts that join a stack, and the shared store ------------------------------------------------------
+
+WORKER_HOST, API_HOST, SHARED = "deploy/compose.worker.yml", "deploy/compose.api.yml", "deploy/compose.shared.yml"
+JOINING = {"CELERY_BROKER_URL": "redis://:pw@10.0.0.5:6379/0", "STORE_URL": "s3://classifier",
+           "DATABASE_URL": "postgresql+psycopg://classifier:pw@10.0.0.5:5432/classifier?sslmode=require"}
+
+
+def joining_model(tmp_path: Path, name: str, **env: str) -> subprocess.CompletedProcess:
+    """`docker compose -f NAME config` as a joining host runs it: the project folder is deploy/ (its file's)."""
+    empty_env_file = tmp_path / "empty.env"
+    empty_env_file.write_text("")
+    ours = {*KEYS, *JOINING, "API_BIND", "CLASSIFIER_IMAGE"}
+    clean = {key: value for key, value in os.environ.items()
+             if key not in ours and not key.startswith(("COMPOSE_", "DOCKER_"))}
+    return subprocess.run([compose_bin(), "--env-file", str(empty_env_file), "-f", str(ROOT / name), "config",
+                           "--format", "json"], capture_output=True, text=True, env={**clean, **env}, cwd=ROOT,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("missing", sorted(JOINING))
+def test_a_worker_host_needs_the_shared_broker_database_and_store(missing, tmp_path):
+    result = joining_model(tmp_path, WORKER_HOST, **{k: v for k, v in JOINING.items() if k != missing})
+    assert result.returncode != 0 and f"set {missing} in .env" in result.stderr
+
+
+def test_a_worker_host_runs_workers_only_with_a_gpu_each(tmp_path):
+    result = joining_model(tmp_path, WORKER_HOST, **JOINING)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert set(services) == {"worker", "ingest"}
+    worker = services["worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": 1,
+                                                                        "capabilities": ["gpu"]}]
+    assert worker["build"]["context"] == str(ROOT)  # the repository, whichever folder compose runs from
+    for service in services.values():
+        assert not service.get("ports") and service["restart"] == "unless-stopped"
+        for name, value in JOINING.items():
+            assert service["environment"][name] == value, name
+        assert service["healthcheck"]["test"][0] == "CMD-SHELL"
+
+
+def test_an_api_replica_needs_its_keys_and_an_address_for_the_load_balancer(tmp_path):
+    env = {**JOINING, **KEYS, "API_BIND": "10.0.0.7"}
+    for missing in ("TRAINING_API_KEY", "PREDICTION_API_KEY", "API_BIND", "STORE_URL"):
+        result = joining_model(tmp_path, API_HOST, **{k: v for k, v in env.items() if k != missing})
+        assert result.returncode != 0 and f"set {missing} in .env" in result.stderr, missing
+    result = joining_model(tmp_path, API_HOST, **env)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert set(services) == {"api"}
+    api = services["api"]
+    assert api["command"] == ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+    assert [(p["host_ip"], p["published"]) for p in api["ports"]] == [("10.0.0.7", "8000")]
+    assert api["environment"]["STORE_URL"] == "s3://classifier" and "deploy" not in api
+
+
+def test_minio_and_its_bucket_come_with_the_s3_profile_only(tmp_path):
+    assert "minio" not in model(tmp_path, MAIN)["services"]
+    result = run_compose((MAIN,), "--profile", "s3", "config", "--format", "json", tmp_path=tmp_path,
+                         env={**KEYS, "STORE_URL": "s3://classifier", "AWS_ACCESS_KEY_ID": "classifier",
+                              "AWS_SECRET_ACCESS_KEY": "a-long-secret"})
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert services["minio"]["environment"] == {"MINIO_ROOT_USER": "classifier", "MINIO_ROOT_PASSWORD": "a-long-secret"}
+    assert not services["minio"].get("ports")
+    assert "create_bucket" in " ".join(services["store-init"]["command"])
+    for name in ("api", "worker", "ingest", "reconciler"):
+        assert services[name]["depends_on"]["store-init"]["condition"] == "service_completed_successfully", name
+
+
+def test_the_shared_override_opens_the_main_host_on_the_private_address_only(tmp_path):
+    env = {**KEYS, "REDIS_PASSWORD": "rpw", "PRIVATE_BIND": "10.0.0.5"}
+    for missing in ("REDIS_PASSWORD", "PRIVATE_BIND"):
+        result = run_compose((MAIN, SHARED), "--profile", "s3", "config", "-q", tmp_path=tmp_path,
+                             env={k: v for k, v in env.items() if k != missing})
+        assert result.returncode != 0 and f"set {missing} in .env" in result.stderr, missing
+    result = run_compose((MAIN, SHARED), "--profile", "s3", "config", "--format", "json", env=env, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    for name, port in (("redis", 6379), ("postgres", 5432), ("minio", 9000)):
+        assert [(p["host_ip"], p["target"]) for p in services[name]["ports"]] == [("10.0.0.5", port)], name
+    assert "--requirepass" in services["redis"]["command"]
+    for name in APP_SERVICES:
+        assert services[name]["environment"]["CELERY_BROKER_URL"] == "redis://:rpw@redis:6379/0", name
+    assert services["api"]["environment"]["TRAINING_API_KEY"] == KEYS["TRAINING_API_KEY"]  # merged, not replaced
+
+
+def test_env_example_documents_the_joining_hosts_settings():
+    documented = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), re.M))
+    for name in (WORKER_HOST, API_HOST, SHARED):
+        used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", (ROOT / name).read_text()))
+        assert used - documented == set(), (name, "add these to .env.example")

@@ -26,6 +26,7 @@ from training.errors import (
     PredictTimeout,
     StoreConflictError,
     StoreFullError,
+    StoreUnavailable,
     TrainingError,
     Unavailable,
     UnsupportedImageError,
@@ -55,6 +56,7 @@ ANSWERS = [
     (Overloaded("too many open event streams", retry_after=5), 503, "overloaded", "5"),
     (PredictTimeout("no answer within 30 s"), 503, "timeout", "5"),
     (ModelUnavailable("the batching thread has stopped"), 503, "unavailable", "5"),
+    (StoreUnavailable("object store s3://b is unreachable (could not read x)"), 503, "store_unavailable", "10"),
 ]
 
 

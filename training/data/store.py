@@ -89,7 +89,11 @@ class DatasetStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DatasetStore:
-        """Open the store at the settings' datasets folder, with their ingest limits."""
+        """Open the store at the settings' datasets folder, with their ingest limits (the shared one with STORE_URL)."""
+        if settings.shared:
+            from training.data.shared_store import SharedDatasetStore  # boto3 only when shared
+
+            return SharedDatasetStore.open(settings)
         return cls(settings.datasets_dir, IngestLimits.from_settings(settings))
 
     # --- upload (the web process) ------------------------------------------------------------------------------------

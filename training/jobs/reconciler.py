@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 
+from training.errors import StoreUnavailable
 from training.jobs.app import INGEST_QUEUE, QUEUE, enqueue, enqueue_ingest, make_broker_folders, make_celery
 from training.jobs.records import CANCELLED, QUEUED, JobStore
 from training.settings import Settings
@@ -64,7 +65,11 @@ def _sweep(settings: Settings) -> int:
     from training.data.store import DatasetStore
     from training.store import ModelStore, sweep_leftovers
 
-    swept = ModelStore(settings.model_dir).sweep(LEFTOVER_SECONDS)
+    try:
+        swept = ModelStore.from_settings(settings).sweep(LEFTOVER_SECONDS)
+    except StoreUnavailable as exc:  # the shared store is away: the jobs still need their round, sweep next time
+        log.warning("could not sweep the model store this round: %s", exc)
+        swept = []
     swept += sweep_leftovers(DatasetStore.from_settings(settings).root, LEFTOVER_SECONDS)
     for path in swept:
         log.warning("removed %s, left by a crashed save or upload", path)

@@ -121,7 +121,7 @@ def _run_started(jobs: JobStore, job: dict, settings: Settings, cancel_poll_seco
     # run's heartbeats, cancel checks and final status no longer touch the job (see JobStore.finish).
     job_id, attempt = job["id"], job["attempts"]
     try:
-        store = ModelStore(settings.model_dir)
+        store = ModelStore.from_settings(settings)
         # A rerun after a crash between saving the version and recording it: reuse that version.
         done = store.version_of_job(job["model"], job_id)
         params = parse_options(job["params"])
