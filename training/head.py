@@ -275,7 +275,7 @@ def _standardize_from_constants(model: keras.Model) -> None:
     So the validation probabilities training records come from the same graph the service runs.
     """
     model.get_layer("standardize").finalize_state()
-    model.predict_function = None
+    model.predict_function, model._traced_for_any_batch = None, False
 
 
 def prepare_head(feature_dim: int, n_classes: int, params: HeadParams, train_rows: int,
@@ -367,13 +367,20 @@ def head_probabilities(model: keras.Model, features: np.ndarray, batch_size: int
     where a direct eager call costs about 4.5 ms: serving calls it once per request and model.
     Training scores its recorded validation probabilities here too, so they are what serving answers.
     """
+    if model.predict_function is None or not getattr(model, "_traced_for_any_batch", False):
+        warm_head(model)
     parts = [np.asarray(model.predict_on_batch(features[i:i + batch_size]))
              for i in range(0, len(features), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]), np.float32)
 
 
 def warm_head(model: keras.Model) -> None:
-    """Trace a head's predict function for any batch size now (two sizes: the second generalises the first)."""
+    """Trace a head's predict function for any batch size (two sizes: the second generalises the first).
+
+    Every later call then runs that one graph, whatever its batch size, as the service's batches
+    and training's validation alike; a first trace for one concrete size would be another graph.
+    """
     dim = model.input_shape[-1]
     for rows in (1, 2):
-        head_probabilities(model, np.zeros((rows, dim), np.float32))
+        model.predict_on_batch(np.zeros((rows, dim), np.float32))
+    model._traced_for_any_batch = True
