@@ -24,7 +24,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
-from training.data.archives import archive_kind
 from training.data.dataset import Dataset, IngestLimits, read_manifest
 from training.data.store import (
     ARCHIVE,
@@ -38,9 +37,8 @@ from training.data.store import (
     READY,
     RECORD,
     DatasetStore,
-    _save_stream,
-    display_name,
     now,
+    received_archive,
     validate_id,
 )
 from training.errors import DatasetError, DatasetNotFoundError
@@ -89,26 +87,16 @@ class SharedDatasetStore(DatasetStore):
 
     def add_archive(self, stream: BinaryIO, max_bytes: int, filename: str | None = None) -> dict:
         """Store an uploaded archive in the object store, queued for ingest; return its record and `existing`."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
-        name = display_name(filename)
-        try:
-            digest, size = _save_stream(stream, staging / ARCHIVE, max_bytes)
-            archive_kind(staging / ARCHIVE, name)
-            dataset_id = digest[:16]
+        with received_archive(self.root, stream, max_bytes, filename) as (staging, record):
+            dataset_id = record["id"]
             remote = self._remote(dataset_id)
             if remote is None:
                 self.objects.put_file(self._key(dataset_id, ARCHIVE), staging / ARCHIVE)  # the bytes, then the record
-                record = self._put_record({"id": dataset_id, "status": QUEUED, "error": None, "attempts": 0,
-                                           "sha256": digest, "size": size, "filename": name, "created": now()})
-                return {**record, "existing": False}
+                return {**self._put_record(record), "existing": False}
             if remote["status"] == FAILED and self.objects.list(self._key(dataset_id, ARCHIVE)):
                 # Failed for a reason other than its bytes (those are removed): uploading it again retries.
                 remote = self._put_record({**remote, "status": QUEUED, "error": None, "attempts": 0})
             return {**remote, "existing": True}
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     # --- reading ------------------------------------------------------------------------------------------------------
 

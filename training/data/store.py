@@ -106,23 +106,14 @@ class DatasetStore:
         archive, and then leaves nothing behind. `filename`, the name the client gave the upload,
         names it in messages.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
-        name = display_name(filename)
-        try:
-            digest, size = _save_stream(stream, staging / ARCHIVE, max_bytes)
-            archive_kind(staging / ARCHIVE, name)
-            dataset_id = digest[:16]
+        with received_archive(self.root, stream, max_bytes, filename) as (staging, record):
+            dataset_id = record["id"]
             if not (self.root / dataset_id).is_dir():
-                _write_json(staging / RECORD, {"id": dataset_id, "status": QUEUED, "error": None, "attempts": 0,
-                                               "sha256": digest, "size": size, "filename": name, "created": now()})
+                _write_json(staging / RECORD, record)
                 fsync_tree(staging)
                 if self._rename_into_place(staging, dataset_id):
                     return {**self.get(dataset_id), "existing": False}
             return {**self._retry_failed(dataset_id), "existing": True}
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed into place
 
     def _rename_into_place(self, staging: Path, dataset_id: str) -> bool:
         """Rename staging to the dataset folder; False when a concurrent upload of the same bytes got there first."""
@@ -312,6 +303,26 @@ class DatasetStore:
     def _lock(folder: Path, wait: bool) -> contextlib.AbstractContextManager[bool]:
         """Hold the dataset's ingest lock across processes; yield False at once when `wait` is off and it is taken."""
         return file_lock(folder / LOCK, wait)
+
+
+@contextlib.contextmanager
+def received_archive(root: Path, stream: BinaryIO, max_bytes: int, filename: str | None):
+    """Stream an upload into a staging folder under `root` and check it is an archive.
+
+    Yields the folder (holding ARCHIVE) and the dataset's new record, named by the archive's hash;
+    the folder is removed afterwards unless it was renamed away.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    name = display_name(filename)
+    try:
+        digest, size = _save_stream(stream, staging / ARCHIVE, max_bytes)
+        archive_kind(staging / ARCHIVE, name)
+        yield staging, {"id": digest[:16], "status": QUEUED, "error": None, "attempts": 0,
+                        "sha256": digest, "size": size, "filename": name, "created": now()}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed into place
 
 
 def _save_stream(stream: BinaryIO, target: Path, max_bytes: int) -> tuple[str, int]:
