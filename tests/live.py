@@ -13,7 +13,10 @@ import urllib.error
 import urllib.request
 import uuid
 import zipfile
+from collections.abc import Callable, Collection
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # CI provides PostgreSQL here; the variable only lets a developer point elsewhere.
@@ -75,6 +78,20 @@ def wait_healthy(base: str, process: subprocess.Popen, log_path: Path | None = N
         if process.poll() is not None or time.monotonic() > deadline:
             tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
             raise AssertionError(f"{base} did not become healthy (exit code {process.poll()}):\n{tail}")
+        time.sleep(0.2)
+
+
+def wait_job(get: Callable[[str], tuple[int, dict]], job_id: str, wanted: Collection[str], timeout: float,
+             describe: Callable[[], str] = lambda: "") -> dict:
+    """Poll `GET /v1/jobs/{id}` through `get` until the job's status is one of `wanted`; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, job = get(f"/v1/jobs/{job_id}")
+        assert status == 200, job
+        if job["status"] in wanted:
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} still {job['status']} after {timeout} s: {job}{describe()}", pytrace=False)
         time.sleep(0.2)
 
 

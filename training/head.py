@@ -227,7 +227,7 @@ HEADS = HeadPool()
 
 def _pool_key(feature_dim: int, n_classes: int, params: HeadParams) -> tuple:
     """What a compiled head's traced train step depends on (epochs and patience only bound the loop)."""
-    return feature_dim, n_classes, dataclasses.replace(params, epochs=1, patience=1), keras.backend.backend()
+    return feature_dim, n_classes, dataclasses.replace(params, epochs=1, patience=1)
 
 
 def _new_head(x_train: np.ndarray, n_classes: int, params: HeadParams) -> keras.Model:
@@ -367,7 +367,7 @@ def head_probabilities(model: keras.Model, features: np.ndarray, batch_size: int
     where a direct eager call costs about 4.5 ms: serving calls it once per request and model.
     Training scores its recorded validation probabilities here too, so they are what serving answers.
     """
-    if model.predict_function is None or not getattr(model, "_traced_for_any_batch", False):
+    if not getattr(model, "_traced_for_any_batch", False):
         warm_head(model)
     parts = [np.asarray(model.predict_on_batch(features[i:i + batch_size]))
              for i in range(0, len(features), batch_size)]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import GUNICORN, ROOT, flush_redis, free_port, postgres_schema, server_env, wait_healthy
+from tests.live import GUNICORN, ROOT, flush_redis, free_port, postgres_schema, server_env, wait_healthy, wait_job
 from tests.training.jobs.helpers import stop_worker, worker_env
 from training.jobs.app import INGEST_QUEUE, QUEUE
 from training.settings import Settings
@@ -200,15 +200,7 @@ class Stack:
         return "\n".join(parts)
 
     def wait_job(self, api: Api, job_id: str, timeout: float = 240) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            status, job = api.call(f"/v1/jobs/{job_id}")
-            assert status == 200, job
-            if job["status"] in FINAL:
-                return job
-            if time.monotonic() > deadline:
-                pytest.fail(f"job {job_id} still {job['status']} after {timeout} s:\n{self.logs()}", pytrace=False)
-            time.sleep(0.3)
+        return wait_job(api.call, job_id, FINAL, timeout, lambda: f"\n{self.logs()}")
 
     def objects(self, prefix: str) -> list[str]:
         """The keys under `prefix` of the run's store (below its own prefix)."""

@@ -8,11 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import time
 
 import pytest
 
-from tests.live import GUNICORN, ROOT, digits_zip, fetch, flush_redis, free_port, server_env, wait_healthy
+from tests.live import GUNICORN, ROOT, digits_zip, fetch, flush_redis, free_port, server_env, wait_healthy, wait_job
 from tests.training.jobs.helpers import start_worker, stop_worker
 from training.settings import Settings
 from training.store import ModelStore
@@ -72,14 +71,7 @@ class Api:
         return dataset_id
 
     def wait_status(self, job_id: str, wanted: set[str], timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            status, job = self.json(f"/v1/jobs/{job_id}")
-            assert status == 200, job
-            if job["status"] in wanted:
-                return job
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
+        return wait_job(self.json, job_id, wanted, timeout)
 
 
 @pytest.fixture
