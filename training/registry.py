@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from training.errors import ModelNotFoundError, StoreConflictError, StoreUnavailable
-from training.jobs.records import JobStore, UTCDateTime, utcnow
+from training.jobs.records import JobStore, UTCDateTime, create_missing, utcnow
 from training.store import publish_decision
 
 UPLOADING, COMPLETE, ABANDONED, DELETED, PURGED = "uploading", "complete", "abandoned", "deleted", "purged"
@@ -76,13 +76,7 @@ class VersionRegistry:
             if self._engine is None or self._engine[1] != os.getpid():
                 engine = JobStore._make_engine(self.url)
                 with database_errors(self.url):
-                    try:
-                        metadata.create_all(engine)
-                    except sa.exc.DBAPIError:
-                        # Two processes starting at once can both see no table and both create it; the
-                        # loser fails (PostgreSQL: a unique violation in its catalog), a second checked
-                        # create finds the winner's tables (and a database that is down fails again).
-                        metadata.create_all(engine)
+                    create_missing(metadata, engine)
                 self._engine = (engine, os.getpid())
             return self._engine[0]
 

@@ -138,6 +138,24 @@ def _as_dict(row: sa.Row) -> dict:
     return record
 
 
+def create_missing(schema: sa.MetaData, engine: Engine) -> None:
+    """Create the tables and indexes of `schema` that are missing, safe against other processes doing the same.
+
+    Processes starting at once can all see a table missing and all create it; each loser fails on the one
+    object someone else made between its check and its create. A failure therefore means one more object
+    exists, so after one try per object plus one, every checked create finds them all made: a failure
+    past that is real (a database that is down) and is raised.
+    """
+    tries = len(schema.tables) + sum(len(table.indexes) for table in schema.tables.values()) + 1
+    for attempt in range(tries):
+        try:
+            schema.create_all(engine)
+            return
+        except sa.exc.DBAPIError:
+            if attempt == tries - 1:
+                raise
+
+
 class JobStore:
     """Training-job records in one SQL table, every status change guarded in SQL."""
 
@@ -169,12 +187,7 @@ class JobStore:
 
     def _create_table(self) -> None:
         """Create the table if it is missing, and upgrade one made by an earlier version."""
-        try:
-            metadata.create_all(self.engine)
-        except sa.exc.DBAPIError:
-            # Two processes starting at once can both see no table and both create it; the loser
-            # fails, and a second checked create finds the winner's table.
-            metadata.create_all(self.engine)
+        create_missing(metadata, self.engine)
         self._upgrade_table()
 
     def _missing(self) -> tuple[list[str], list[str]]:
