@@ -495,7 +495,7 @@ def test_many_engines_creating_a_schema_at_once_all_succeed(backend, tmp_path):
                 stack.callback(engine.dispose)
             barrier = threading.Barrier(len(engines))
 
-            def create(engine):
+            def create(engine, barrier=barrier):
                 barrier.wait()
                 create_missing(registry_schema, engine)
 
