@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib
 import logging
 import platform
 import time
@@ -167,6 +168,8 @@ def train(source: str | Path | Dataset, name: str, settings: Settings, params: T
         # The head's train step is traced beside the backbone (off the critical path of a first run).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-head") as side:
             prepared = side.submit(prepare_head, spec.feature_dim, len(classes), params.head, len(train_idx))
+            # matplotlib's import (0.4 s, paid by every queued job's fresh process) too; the save imports it.
+            side.submit(importlib.import_module, "training.plots")
             features, computed = extract_features(dataset.items, cache, get_backbone, spec.image_size,
                                                   params.feature_batch_size, progress, cancel, load)
             if prepared.exception() is not None:  # only time is lost: train_head builds its own
