@@ -97,7 +97,6 @@ def wait_job(get: Callable[[str], tuple[int, dict]], job_id: str, wanted: Collec
 
 def flush_redis(url: str) -> str:
     """Empty one database of the machine's Redis; fail (never skip) when Redis does not answer."""
-    import pytest
     import redis
 
     client = redis.Redis.from_url(url, socket_connect_timeout=2)
@@ -173,7 +172,6 @@ def digits_zip(folder: Path, per_class: int = 8, classes: int = 3) -> bytes:
 def postgres_schema(prefix: str = "test"):
     """A URL on the test PostgreSQL whose connections use a fresh schema, dropped afterwards (fails loudly
     when PostgreSQL does not answer: `.ci/run` starts it)."""
-    import pytest
     import sqlalchemy as sa
 
     schema = f"{prefix}_{uuid.uuid4().hex[:12]}"

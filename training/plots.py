@@ -26,7 +26,7 @@ def plot_history(history: dict[str, list[float]], path: Path, title: str = "Trai
                 ax.plot(range(1, len(values) + 1), values, style, label=key)
         ax.set_xlabel("epoch")
         ax.set_title(metric)
-        ax.legend(loc="best")
+        ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.84, wspace=0.22)

@@ -144,7 +144,7 @@ def create_missing(schema: sa.MetaData, engine: Engine) -> None:
     Processes starting at once can all see a table missing and all create it; each loser fails on the one
     object someone else made between its check and its create. A failure therefore means one more object
     exists, so after one try per object plus one, every checked create finds them all made: a failure
-    past that is real (a database that is down) and is raised.
+    past that is real and is raised. A database that is down is raised at once, not retried.
     """
     tries = len(schema.tables) + sum(len(table.indexes) for table in schema.tables.values()) + 1
     for attempt in range(tries):
@@ -154,6 +154,8 @@ def create_missing(schema: sa.MetaData, engine: Engine) -> None:
         except sa.exc.DBAPIError:
             if attempt == tries - 1:
                 raise
+            with engine.connect():  # lost a race, or cannot connect: the latter raises here
+                pass
 
 
 class JobStore:
